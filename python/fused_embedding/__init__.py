@@ -1,0 +1,10 @@
+"""fused-embedding: fused embedding lookup + mean pooling kernels.
+
+``embedding_mean(table, ids, axis=1)`` computes ``mean(table[ids], axis)``
+without materialising the (B, L, D) intermediate.
+"""
+from .api import available_backends, embedding_mean
+from .semantics import Axis
+
+__version__ = "0.1.0"
+__all__ = ["embedding_mean", "available_backends", "Axis", "__version__"]

@@ -1,0 +1,81 @@
+"""The backend registry: name -> availability probe -> launcher.
+
+Each backend is a module with
+    ``DEVICE``: "cpu" (host arrays) or "cuda" (device arrays),
+    ``unavailable_reason() -> str | None``: None when it can run here,
+    ``memory_limit_bytes() -> int``: the most an output may take on its device,
+    ``embedding_mean(table, ids, axis, mask_zero, out=None) -> out``: validated
+    inputs in, result out; raises ``out_of_range_error(...)`` for a bad id.
+Backends trust the core's validation and do no argument checking of their own.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger("fused_embedding")
+
+# Fastest first, per device. An auto-picked backend that fails to import falls
+# through quietly; a forced one reports why it can't run.
+REGISTRY = {
+    "numba-cuda": "fused_embedding.backends.numba_cuda",
+    "cupy": "fused_embedding.backends.cupy",
+    "cpu": "fused_embedding.backends.cpu",
+    "numpy": "fused_embedding.backends.numpy",
+}
+
+_modules: dict[str, ModuleType] = {}
+_reasons: dict[str, str | None] = {}
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if backend ``name`` can run here, else why not (probed once)."""
+    if name not in _reasons:
+        try:
+            module = importlib.import_module(REGISTRY[name])
+            reason = module.unavailable_reason()
+        except ImportError as exc:  # an optional dependency is missing
+            module, reason = None, f"import failed: {exc}"
+        except Exception as exc:  # a driver or runtime that is there but broken
+            module, reason = None, f"{type(exc).__name__}: {exc}"
+        if reason is None:
+            _modules[name] = module
+        _reasons[name] = reason
+    return _reasons[name]
+
+
+def get(name: str) -> ModuleType:
+    """The launcher module of an available backend."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available here: {reason}")
+    return _modules[name]
+
+
+def device_of_backend(name: str) -> str:
+    return "cuda" if name in ("numba-cuda", "cupy") else "cpu"
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable here, fastest first."""
+    return [name for name in REGISTRY if unavailable_reason(name) is None]
+
+
+def out_of_range_error(bad_id: int, row: int, col: int, vocab: int) -> IndexError:
+    return IndexError(
+        f"id {bad_id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
+        f"(expected 0 <= id < {vocab})")
+
+
+def raise_first_bad_id(bad_position, ids, vocab: int) -> None:
+    """Raise for the first bag (in row order) whose kernel pass met a bad id.
+
+    bad_position: host int array [B], -1 where the bag's ids were all in range.
+    """
+    import numpy as np
+    bad_bags = np.flatnonzero(bad_position >= 0)
+    if bad_bags.size:
+        row = int(bad_bags[0])
+        col = int(bad_position[row])
+        raise out_of_range_error(int(ids[row, col]), row, col, vocab)

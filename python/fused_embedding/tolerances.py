@@ -1,0 +1,66 @@
+"""Per-dtype tolerances and one verbose comparison helper.
+
+One place for them: tests, the `validate` command and the GPU check use these.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .semantics import BFLOAT16
+
+# Against the float64 reference computed from the same (already rounded) table
+# values: the error is float32 accumulation plus one rounding of the result to
+# the table's dtype (2^-11 relative for float16, 2^-8 for bfloat16).
+REFERENCE_TOLERANCES = {
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
+    np.dtype(np.float16): dict(rtol=1e-3, atol=1e-5),
+    BFLOAT16: dict(rtol=8e-3, atol=1e-4),
+}
+
+# Against Keras: Keras pools float16 and bfloat16 tables in that dtype, so its
+# own error grows with L; these bound the difference between two correct results.
+KERAS_TOLERANCES = {
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
+    np.dtype(np.float16): dict(rtol=5e-3, atol=5e-4),
+    BFLOAT16: dict(rtol=4e-2, atol=4e-3),
+}
+
+
+def tolerance(dtype, against="reference") -> dict:
+    table = REFERENCE_TOLERANCES if against == "reference" else KERAS_TOLERANCES
+    return table[np.dtype(dtype)]
+
+
+def compare(actual, expected, *, rtol, atol, max_report=5) -> str | None:
+    """None when ``actual`` matches ``expected`` elementwise, else a report.
+
+    NaN matches NaN only in the same place, +-inf only the same inf. The report
+    says how many elements differ, where, by how much, and any NaN/inf mismatch.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    if actual.shape != expected.shape:
+        return f"shape {actual.shape} != expected {expected.shape}"
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    both_nan = np.isnan(a) & np.isnan(e)
+    same_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
+    with np.errstate(invalid="ignore"):
+        close = np.abs(a - e) <= atol + rtol * np.abs(e)
+    ok = close | both_nan | same_inf
+    if ok.all():
+        return None
+    bad = np.argwhere(~ok)
+    nan_mismatch = int((np.isnan(a) != np.isnan(e)).sum())
+    lines = [f"{len(bad)} of {a.size} elements differ (rtol={rtol}, atol={atol}); "
+             f"NaN mismatches: {nan_mismatch}"]
+    for index in bad[:max_report]:
+        i = tuple(int(v) for v in index)
+        lines.append(f"  at {i}: got {a[i]!r}, expected {e[i]!r}, diff {abs(a[i] - e[i]):.3g}")
+    return "\n".join(lines)
+
+
+def assert_close(actual, expected, dtype, against="reference"):
+    report = compare(actual, expected, **tolerance(dtype, against))
+    if report:
+        raise AssertionError(report)
