@@ -1,4 +1,4 @@
-"""Per-dtype tolerances and one verbose comparison helper.
+"""Validation helpers: per-dtype tolerances, a verbose comparison, poisoned outputs, random inputs.
 
 One place for them: tests, the `validate` command and the GPU check use these.
 """
@@ -64,3 +64,26 @@ def assert_close(actual, expected, dtype, against="reference"):
     report = compare(actual, expected, **tolerance(dtype, against))
     if report:
         raise AssertionError(report)
+
+
+# A value no correct output takes (means of the test tables stay far below it),
+# written into outputs before a kernel runs so an element it never writes fails.
+POISON = -12345.0
+
+
+def poisoned(shape, dtype):
+    """An output buffer filled with POISON."""
+    return np.full(shape, POISON, dtype=dtype)
+
+
+def random_inputs(rng, vocab, dim, batch, length, table_dtype=np.float32, id_dtype=np.int32,
+                  padding_fraction=0.0):
+    """Fresh random (table [V][D], ids [B][L]) for validation: uniform ids, normal table values.
+
+    padding_fraction of the ids are set to 0 (the padding id under mask_zero).
+    """
+    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
+    ids = rng.integers(0, vocab, size=(batch, length)).astype(id_dtype)
+    if padding_fraction:
+        ids[rng.random((batch, length)) < padding_fraction] = 0
+    return table, ids
