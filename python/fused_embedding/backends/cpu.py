@@ -1,6 +1,8 @@
 """The "cpu" backend: Numba kernels, parallel over bags, on host arrays."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import launch
@@ -23,6 +25,28 @@ def memory_limit_bytes() -> int:
     return os_physical_memory()
 
 
+# Numba's "workqueue" threading layer (its fallback where neither TBB nor OpenMP
+# loads) aborts the whole process when two Python threads launch parallel
+# kernels at once, as TF's py_function threads and thread pools do; TBB and
+# OpenMP are thread-safe. Launches are serialised under workqueue only. The
+# layer is picked at the first parallel launch, so launches hold the lock until
+# then.
+_launch_lock = threading.Lock()
+_serialise_launches = None  # None until the first launch has picked the layer
+
+
+def _launch(kernel, *args):
+    global _serialise_launches
+    if _serialise_launches is False:
+        kernel(*args)
+        return
+    with _launch_lock:
+        kernel(*args)
+        if _serialise_launches is None:
+            import numba
+            _serialise_launches = numba.threading_layer() == "workqueue"
+
+
 def _bits(array):
     """The array as the kernels read it: float32 as is, 16-bit floats as uint16 bits."""
     return array if array.dtype == np.float32 else array.view(np.uint16)
@@ -37,7 +61,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
         out = np.empty(output_shape(axis, batch, length, table.shape[1]), dtype=table.dtype)
     bad_position = np.empty(batch, dtype=np.int64)
     kernel = kernels.gather_mean_sequence if axis is Axis.SEQUENCE else kernels.gather_mean_embedding
-    kernel(_bits(table), ids, mask_zero, table_format(table.dtype),
-           launch.cpu_bags_per_chunk(batch, get_num_threads()), _bits(out), bad_position)
+    _launch(kernel, _bits(table), ids, mask_zero, table_format(table.dtype),
+            launch.cpu_bags_per_chunk(batch, get_num_threads()), _bits(out), bad_position)
     raise_first_bad_id(bad_position, ids, table.shape[0])
     return out
