@@ -1,0 +1,275 @@
+"""The TensorFlow op: ``fused_embedding.tf.embedding_mean`` on ``tf.py_function``.
+
+The py_function body hands TF's own buffers to the core op, never a copy:
+``np.asarray(tensor)`` on the host (``tensor.numpy()`` copies the whole table in
+TF 2.21), DLPack on a GPU (ids may sit in host memory there: the core copies
+the ids, never the table). Dtypes and ranks are checked on the symbolic tensors,
+so mistakes fail when the graph is built; bad ids fail when it runs, as
+``tf.errors.InvalidArgumentError`` naming the id (as ``tf.gather`` does on CPU).
+
+A py_function body lives in this Python process only: a SavedModel holding one
+fails when it is run after loading. So when a graph is traced for export
+(inside ``tf.saved_model.save``, Keras' ``model.export``, or under
+``native_ops()``) the op writes its native-TF equivalent instead (gather, masked
+mean, the same empty-bag and bounds rules), and a graph traced with the
+py_function refuses to be saved, at save time, with a message naming the fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from . import api
+from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
+
+TABLE_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+ID_DTYPES = (tf.int32, tf.int64)
+
+EXPORT_FIX = ("fused_embedding's op runs through tf.py_function, whose Python body is not saved in "
+              "a SavedModel. Export a native copy of the model instead: "
+              "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
+              "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
+              "tf.saved_model.save(signatures=...) tracing do this by themselves)")
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def native_ops():
+    """Within this block the op builds native TF ops (tf.gather + masked mean), no py_function.
+
+    For graphs meant to leave the process (SavedModel, TF Serving): they then need
+    neither this package nor Python. Slower than the fused kernel; same results
+    (float32 accumulation, zeros for empty bags, bounds checked).
+    """
+    previous = getattr(_state, "native", False)
+    _state.native = True
+    try:
+        yield
+    finally:
+        _state.native = previous
+
+
+def _tracing_for_export() -> bool:
+    """True when the graph being built will be saved rather than run here."""
+    if getattr(_state, "native", False):
+        return True
+    from tensorflow.python.saved_model import save_context
+    if save_context.in_save_context():
+        return True
+    # Keras' model.export() / ExportArchive traces its endpoints before it calls
+    # tf.saved_model.save, outside the save context: recognise it by its frames.
+    # Only runs while tracing, never per call.
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("keras.src.export"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _ExportGuard(tf.saved_model.experimental.TrackableResource):
+    """A resource every py_function graph captures, so saving that graph fails at save time.
+
+    Tracked (Keras tracks the resources of the layers it exports) it raises the
+    fix when TF serialises it; untracked, TF's own "untracked resource" error
+    quotes its repr, which names the fix.
+    """
+
+    def _create_resource(self):
+        from tensorflow.python.saved_model import save_context
+        if save_context.in_save_context():
+            raise RuntimeError(EXPORT_FIX)
+        return tf.raw_ops.VarHandleOp(dtype=tf.int32, shape=[], shared_name="", container="")
+
+    def _initialize(self):
+        pass
+
+    def __repr__(self):
+        return f"<fused_embedding py_function graph: {EXPORT_FIX}>"
+
+
+_guard = None
+
+
+def export_guard() -> _ExportGuard:
+    global _guard
+    if _guard is None:
+        with tf.init_scope():  # an eager resource, created once, captured by every graph
+            guard = _ExportGuard()
+            guard.resource_handle  # noqa: B018 (created lazily: create it here, eagerly)
+        _guard = guard
+    return _guard
+
+
+def _check_symbolic(table: tf.Tensor, ids: tf.Tensor, mask_zero) -> None:
+    """Graph-construction-time checks of what the symbolic tensors already tell."""
+    if not isinstance(mask_zero, (bool, np.bool_)):
+        raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
+    if table.dtype not in TABLE_DTYPES:
+        raise TypeError(f"table must be float32, float16 or bfloat16, got {table.dtype.name}")
+    if ids.dtype not in ID_DTYPES:
+        hint = " (float ids are not truncated as Keras does)" if ids.dtype.is_floating else ""
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype.name}{hint}")
+    if table.shape.rank is not None and table.shape.rank != 2:
+        raise ValueError(f"table must be 2-D (V, D), got shape {table.shape}")
+    if ids.shape.rank is not None and ids.shape.rank != 2:
+        raise ValueError(f"ids must be 2-D (B, L), got shape {ids.shape}")
+
+
+def _static_output_shape(axis: Axis, table: tf.Tensor, ids: tf.Tensor) -> tf.TensorShape:
+    """(B, D) or (B, L) with whatever dims the inputs know (None where they don't)."""
+    table_shape = table.shape.with_rank(2)
+    ids_shape = ids.shape.with_rank(2)
+    return tf.TensorShape(output_shape(axis, ids_shape[0], ids_shape[1], table_shape[1]))
+
+
+def _is_gpu_tensor(tensor) -> bool:
+    return "GPU" in (tensor.device or "").upper()
+
+
+def _run_core(table, ids, axis, mask_zero, backend):
+    """The py_function body: TF eager tensors in, the core op on TF's buffers, a tensor out."""
+    try:
+        if _is_gpu_tensor(table):
+            return _run_core_on_gpu(table, ids, axis, mask_zero, backend)
+        # np.asarray shares the tensor's buffer; bfloat16 arrives as ml_dtypes.bfloat16.
+        return api.embedding_mean(np.asarray(table), np.asarray(ids), axis=int(axis),
+                                  mask_zero=mask_zero, backend=backend)
+    except IndexError as exc:
+        # py_function maps ValueError to InvalidArgumentError (what tf.gather raises
+        # for a bad id); an IndexError would surface as UnknownError.
+        raise ValueError(str(exc)) from exc
+
+
+def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
+    """GPU tensors through DLPack both ways; ids may be a host tensor (TF keeps int32 there)."""
+    import cupy
+    dlpack = tf.experimental.dlpack
+    # TF's streams are not exposed: wait for the work producing the inputs before
+    # our kernels read them, and for our kernels before TF reads the output.
+    tf.test.experimental.sync_devices()
+    table_device = cupy.from_dlpack(dlpack.to_dlpack(table))
+    ids_array = cupy.from_dlpack(dlpack.to_dlpack(ids)) if _is_gpu_tensor(ids) else np.asarray(ids)
+    out = api.embedding_mean(table_device, ids_array, axis=int(axis), mask_zero=mask_zero,
+                             backend=backend)
+    out = cupy.ascontiguousarray(cupy.asarray(out))  # numba device arrays via the CUDA array interface
+    cupy.cuda.runtime.deviceSynchronize()
+    return dlpack.from_dlpack(out.toDlpack())
+
+
+def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
+    """The same op in native TF ops (for export): gather, then a float32 masked mean.
+
+    Writes the (B, L, D) intermediate (this is the slow path); same semantics as
+    the kernels: bounds checked on every device, zeros for empty bags.
+    """
+    vocab = tf.shape(table, out_type=ids.dtype)[0]
+    checks = [
+        tf.debugging.assert_non_negative(ids, message="fused_embedding: negative id in ids"),
+        tf.debugging.assert_less(ids, vocab, message="fused_embedding: id >= V (rows of the table) in ids"),
+    ]
+    with tf.control_dependencies(checks):
+        rows = tf.cast(tf.gather(table, ids), tf.float32)                 # [B][L][D]
+    if axis is Axis.SEQUENCE:
+        if not mask_zero:
+            return tf.cast(tf.reduce_mean(rows, axis=1), table.dtype)       # [B][D]; L=0 -> NaN, fixed below
+        counted = tf.not_equal(ids, tf.constant(PADDING_ID, ids.dtype))    # [B][L]
+        # Select rather than multiply: a NaN stored in the padding row must not leak.
+        sums = tf.reduce_sum(tf.where(counted[..., None], rows, 0.0), axis=1)
+        counts = tf.reduce_sum(tf.cast(counted, tf.float32), axis=1, keepdims=True)
+        means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), EMPTY_BAG_VALUE)
+        return tf.cast(means, table.dtype)
+    means = tf.reduce_mean(rows, axis=2)                                  # [B][L]
+    if mask_zero:
+        means = tf.where(tf.not_equal(ids, tf.constant(PADDING_ID, ids.dtype)), means, EMPTY_BAG_VALUE)
+    return tf.cast(means, table.dtype)
+
+
+def _table_gradient(table, ids, upstream, axis: Axis, mask_zero: bool):
+    """d(out)/d(table) as IndexedSlices: each gathered row gets upstream / (its bag's count).
+
+    upstream: (B, D) for axis 1, (B, L) for axis 2, the table's dtype.
+    Returns IndexedSlices with B*L rows (one per id, duplicates summed by TF).
+    """
+    dim = tf.shape(table)[1]
+    counted = tf.ones_like(ids, dtype=tf.float32) if not mask_zero else \
+        tf.cast(tf.not_equal(ids, tf.constant(PADDING_ID, ids.dtype)), tf.float32)  # [B][L]
+    upstream = tf.cast(upstream, tf.float32)
+    if axis is Axis.SEQUENCE:
+        counts = tf.reduce_sum(counted, axis=1, keepdims=True)                      # [B][1]
+        weights = counted / tf.maximum(counts, 1.0)                                 # [B][L]
+        values = weights[..., None] * upstream[:, None, :]                          # [B][L][D]
+    else:
+        weights = counted * upstream / tf.cast(dim, tf.float32)                     # [B][L]
+        values = tf.broadcast_to(weights[..., None], tf.concat([tf.shape(ids), [dim]], 0))
+    values = tf.cast(tf.reshape(values, tf.stack([-1, dim])), table.dtype)          # [B*L][D]
+    return tf.IndexedSlices(values, tf.reshape(ids, [-1]), tf.shape(table, out_type=ids.dtype))
+
+
+def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None) -> tf.Tensor:
+    """Fused ``mean(tf.gather(table, ids), axis)`` as a TF op (eager, tf.function, Keras).
+
+    Args:
+      table: (V, D) float32, float16 or bfloat16 tensor or tf.Variable (read in
+        place, never copied).
+      ids: (B, L) int32 or int64 tensor of row indices in [0, V).
+      axis: 1 -> (B, D), Keras ``Embedding -> GlobalAveragePooling1D()``; 2 or -1 ->
+        (B, L), ``GlobalAveragePooling1D(data_format="channels_first")``.
+      mask_zero: id 0 is padding (Keras' ``mask_zero=True``); an all-padding bag
+        gives zeros (Keras: NaN), and on axis 2 padding positions give 0.
+      backend: a backend name for the core op (see
+        ``fused_embedding.available_backends()``), or None for the fastest one.
+      name: an optional name scope.
+
+    Returns:
+      (B, D) or (B, L) tensor of the table's dtype (accumulated in float32), with
+      the static shape the inputs give.
+
+    Raises:
+      TypeError / ValueError when the graph is built: dtype, rank, axis.
+      tf.errors.InvalidArgumentError when it runs: an id outside [0, V), the
+        message naming the id, its (row, column) and V.
+
+    Gradients: a correct gradient for the table (IndexedSlices, as tf.gather's),
+    none for the integer ids.
+    """
+    axis = api.normalize_axis(axis)
+    with tf.name_scope(name or "fused_embedding_mean"):
+        table = tf.convert_to_tensor(table)
+        ids = tf.convert_to_tensor(ids)
+        _check_symbolic(table, ids, mask_zero)
+        mask_zero = bool(mask_zero)
+        out_shape = _static_output_shape(axis, table, ids)
+
+        if not tf.executing_eagerly() and _tracing_for_export():
+            out = _native_embedding_mean(table, ids, axis, mask_zero)
+            out.set_shape(out_shape)
+            return out
+
+        @tf.custom_gradient
+        def fused(table_value):
+            if tf.executing_eagerly():
+                # Eagerly the body runs in place (no py_function's fixed cost), its
+                # errors raised as the py_function would raise them.
+                try:
+                    out = _run_core(table_value, ids, axis, mask_zero, backend)
+                except (ValueError, TypeError) as exc:
+                    raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
+                out = tf.convert_to_tensor(out, dtype=table_value.dtype)
+            else:
+                with tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
+                    out = tf.py_function(
+                        lambda t, i: _run_core(t, i, axis, mask_zero, backend),
+                        [table_value, ids], table_value.dtype)
+            out.set_shape(out_shape)
+
+            def grad(upstream):
+                return _table_gradient(table_value, ids, upstream, axis, mask_zero)
+            return out, grad
+
+        return fused(table)

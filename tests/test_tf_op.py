@@ -1,0 +1,206 @@
+"""fused_embedding.tf.embedding_mean against the float64 reference and Keras' own layers."""
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import fused_embedding.api as api  # noqa: E402
+import fused_embedding.tf as fused_tf  # noqa: E402
+from fused_embedding.backends import cpu as cpu_backend  # noqa: E402
+from fused_embedding.reference import embedding_mean_reference  # noqa: E402
+from fused_embedding.semantics import BFLOAT16, Axis, output_shape  # noqa: E402
+from fused_embedding.validation import assert_close, poisoned, random_inputs  # noqa: E402
+
+# Deliberately odd sizes: nothing a power of two.
+VOCAB, DIM, BATCH, LENGTH = 123, 37, 9, 13
+
+TF_DTYPES = {np.dtype(np.float32): tf.float32, np.dtype(np.float16): tf.float16, BFLOAT16: tf.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_cpu_outputs(monkeypatch):
+    """Every CPU-backend launch writes into a POISON-filled buffer, so an element it skips fails."""
+    launch = cpu_backend.embedding_mean
+
+    def launch_into_poison(table, ids, axis, mask_zero, out=None):
+        shape = output_shape(axis, ids.shape[0], ids.shape[1], table.shape[1])
+        return launch(table, ids, axis, mask_zero, out=poisoned(shape, table.dtype))
+
+    monkeypatch.setattr(cpu_backend, "embedding_mean", launch_into_poison)
+
+
+def keras_pooled(table, ids, data_format, mask_zero):
+    """Keras' ``Embedding -> GlobalAveragePooling1D(data_format)`` on ``table``, as NumPy.
+
+    For channels_first with mask_zero Keras' pooling fails (the (B, L) mask is
+    broadcast against (B, L, D) on the wrong axis), so there the float64
+    reference stands in; a NaN row (all padding) is Keras' 0 / 0.
+    """
+    if mask_zero and data_format == "channels_first":
+        return embedding_mean_reference(table, ids, Axis.EMBEDDING, mask_zero=True)
+    dtype = np.dtype(table.dtype).name
+    embedding = keras.layers.Embedding(table.shape[0], table.shape[1], mask_zero=mask_zero, dtype=dtype)
+    embedding.build((None, None))
+    embedding.embeddings.assign(table)
+    pooling = keras.layers.GlobalAveragePooling1D(data_format=data_format, dtype=dtype)
+    return np.asarray(pooling(embedding(ids)))
+
+
+def run_op(mode, table, ids, **kwargs):
+    if mode == "eager":
+        return fused_tf.embedding_mean(table, ids, **kwargs)
+    return tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))(table, ids)
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float16, BFLOAT16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64], ids=["i32", "i64"])
+@pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_op_matches_reference(rng, axis, mask_zero, id_dtype, table_dtype, mode):
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH, table_dtype, id_dtype,
+                               padding_fraction=0.3 if mask_zero else 0.0)
+    if mask_zero:
+        ids[0] = 0  # an all-padding bag: zeros, not NaN
+    table_tensor = tf.constant(table, dtype=TF_DTYPES[np.dtype(table_dtype)])
+    out = run_op(mode, table_tensor, tf.constant(ids), axis=axis, mask_zero=mask_zero)
+    assert out.dtype == TF_DTYPES[np.dtype(table_dtype)]
+    assert tuple(out.shape) == output_shape(Axis(axis), BATCH, LENGTH, DIM)
+    assert_close(np.asarray(out), embedding_mean_reference(table, ids, axis, mask_zero), table_dtype)
+
+
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_op_matches_keras(rng, data_format, mask_zero, table_dtype):
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH, table_dtype,
+                               padding_fraction=0.3 if mask_zero else 0.0)
+    axis = 1 if data_format == "channels_last" else 2
+    out = run_op("tf.function", tf.constant(table), tf.constant(ids), axis=axis, mask_zero=mask_zero)
+    assert_close(np.asarray(out), keras_pooled(table, ids, data_format, mask_zero), table_dtype,
+                 against="keras")
+
+
+def test_empty_bags_and_empty_batch(rng):
+    table, ids = random_inputs(rng, VOCAB, DIM, 3, LENGTH)
+    ids[1] = 0
+    out = fused_tf.embedding_mean(table, ids, mask_zero=True)
+    np.testing.assert_array_equal(np.asarray(out)[1], 0.0)  # Keras: NaN
+    assert fused_tf.embedding_mean(table, np.zeros((0, LENGTH), np.int32)).shape == (0, DIM)
+    assert fused_tf.embedding_mean(table, np.zeros((3, 0), np.int32), axis=2).shape == (3, 0)
+
+
+@pytest.mark.parametrize("axis,expected", [(1, [None, DIM]), (2, [None, LENGTH])])
+def test_static_output_shape_in_graphs(axis, expected):
+    """Layers after the op build: the output's static shape is what the inputs know."""
+    signature = [tf.TensorSpec([VOCAB, DIM], tf.float32), tf.TensorSpec([None, LENGTH], tf.int32)]
+    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, axis=axis), input_signature=signature)
+    assert graph_fn.get_concrete_function().structured_outputs.shape.as_list() == expected
+    unknown = [tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.int32)]
+    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, axis=axis), input_signature=unknown)
+    assert graph_fn.get_concrete_function().structured_outputs.shape.as_list() == [None, None]
+
+
+@pytest.mark.parametrize("table_dtype,id_dtype,error,words", [
+    (tf.float32, tf.float32, TypeError, "ids must be int32 or int64, got float32"),
+    (tf.float64, tf.int32, TypeError, "table must be float32, float16 or bfloat16, got float64"),
+])
+def test_dtype_errors_when_the_graph_is_built(table_dtype, id_dtype, error, words):
+    signature = [tf.TensorSpec([None, DIM], table_dtype), tf.TensorSpec([None, None], id_dtype)]
+    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i), input_signature=signature)
+    with pytest.raises(error, match=words):
+        graph_fn.get_concrete_function()  # tracing only: no data has run
+
+
+def test_rank_and_axis_errors_when_the_graph_is_built():
+    with pytest.raises(ValueError, match="ids must be 2-D"):
+        tf.function(lambda t, i: fused_tf.embedding_mean(t, i)).get_concrete_function(
+            tf.TensorSpec([VOCAB, DIM], tf.float32), tf.TensorSpec([None], tf.int32))
+    with pytest.raises(ValueError, match="axis must be 1"):
+        fused_tf.embedding_mean(np.zeros((2, 2), np.float32), np.zeros((1, 1), np.int32), axis=0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("bad", ["too_large", "negative"])
+def test_bad_id_is_a_tf_error_naming_it(rng, bad, mode):
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    ids[4, 7] = VOCAB + 5 if bad == "too_large" else -3
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        run_op(mode, tf.constant(table), tf.constant(ids))
+    assert f"id {ids[4, 7]} at ids[4, 7] is out of range for a table of {VOCAB} rows" in info.value.message
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+def test_table_reaches_the_core_without_a_copy(monkeypatch, rng, mode):
+    """The core sees the variable's own buffer: np.asarray, never tensor.numpy()."""
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    variable = tf.Variable(table)
+    seen = []
+    core = api.embedding_mean
+
+    def spy(table_array, ids_array, **kwargs):
+        seen.append(table_array.ctypes.data)
+        return core(table_array, ids_array, **kwargs)
+
+    monkeypatch.setattr(api, "embedding_mean", spy)
+    run_op(mode, variable, tf.constant(ids))
+    assert seen == [np.asarray(variable.value()).ctypes.data]
+
+
+def expected_table_gradient(table, ids, upstream, axis, mask_zero):
+    """float64 d(sum(out * upstream))/d(table): each gathered row gets its share of the mean."""
+    counted = np.ones(ids.shape) if not mask_zero else (ids != 0).astype(np.float64)  # [B][L]
+    grad = np.zeros(table.shape)
+    if axis == 1:
+        weights = counted / np.maximum(counted.sum(axis=1, keepdims=True), 1)         # [B][L]
+        np.add.at(grad, ids, weights[..., None] * upstream[:, None, :])
+    else:
+        np.add.at(grad, ids, np.broadcast_to((counted * upstream / table.shape[1])[..., None],
+                                             ids.shape + (table.shape[1],)))
+    return grad
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_table_gradient_is_correct(rng, axis, mask_zero, table_dtype, mode):
+    """Under GradientTape the table gets the true gradient (IndexedSlices), never None."""
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH, table_dtype,
+                               padding_fraction=0.3 if mask_zero else 0.0)
+    ids[1] = 0  # repeated ids, and under the mask an all-padding bag
+    variable = tf.Variable(table)
+    upstream = rng.standard_normal(output_shape(Axis(axis), BATCH, LENGTH, DIM)).astype(table_dtype)
+
+    def loss_and_gradient():
+        with tf.GradientTape() as tape:
+            out = fused_tf.embedding_mean(variable, ids, axis=axis, mask_zero=mask_zero)
+            loss = tf.reduce_sum(tf.cast(out, tf.float32) * tf.cast(upstream, tf.float32))
+        return tape.gradient(loss, variable)
+
+    grad = loss_and_gradient() if mode == "eager" else tf.function(loss_and_gradient)()
+    assert isinstance(grad, tf.IndexedSlices)
+    dense = np.asarray(tf.convert_to_tensor(grad))
+    assert dense.dtype == table_dtype
+    # TF sums the slices of a repeated id in the table's dtype (as for Keras' own
+    # Embedding): in float16 that is Keras-sized error, hence Keras' tolerance.
+    against = "reference" if table_dtype == np.float32 else "keras"
+    assert_close(dense, expected_table_gradient(table, ids, upstream.astype(np.float64), axis, mask_zero),
+                 table_dtype, against=against)
+
+
+def test_gpu_path_is_not_taken_for_host_tensors():
+    assert not fused_tf._is_gpu_tensor(tf.constant([1.0]))
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"),
+                    reason="needs TensorFlow with a GPU (and CuPy): the DLPack path cannot run here")
+def test_gpu_tensors_go_through_dlpack(rng):
+    pytest.importorskip("cupy")
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    with tf.device("GPU:0"):
+        table_gpu = tf.constant(table)
+    out = fused_tf.embedding_mean(table_gpu, tf.constant(ids))  # int32 ids: kept on the host by TF
+    assert "GPU" in out.device
+    assert_close(np.asarray(out.cpu()), embedding_mean_reference(table, ids), np.float32)
