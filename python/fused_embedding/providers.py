@@ -1,0 +1,608 @@
+"""The benchmark providers: every way of computing ``mean(table[ids], axis)`` that we time.
+
+One place for them: the ``fused-embedding bench`` command and the pytest-benchmark
+files in ``benchmarks/`` both take their competitors from here, so the two always
+time the same code.
+
+A provider turns host inputs (a NumPy table [V][D] and id sets [B][L]) into its
+own framework's tensors once, outside the timed region, and returns a runner:
+``runner(k)`` computes the op on id set ``k`` and returns only when the result
+exists (GPU work is synchronised). Optional frameworks (TensorFlow, PyTorch,
+CuPy, the TF op) are imported lazily; a provider that can't run here says why
+(``unavailable_reason``) and is skipped, never a crash.
+
+Timing rotates among several id sets, fresh per measurement, so the gathered
+rows come from DRAM as in real batches: the same ids over and over would time
+the last-level cache (B=1024, L=64, D=128 fp32 touches 32 MB of rows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import backends
+from .bytes_model import copy_bytes, fused_bytes, gb_per_s
+from .reference import embedding_mean_reference
+from .semantics import BFLOAT16, Axis
+from .validation import compare, tolerance
+
+# Rows gathered per measurement, over all its id sets, well above the last-level
+# caches (32 MB L3 here, 50-60 MB L2 on an H100/H200), so rows come from DRAM.
+ROTATION_TARGET_BYTES = 256 * 2**20
+MIN_ID_SETS, MAX_ID_SETS = 8, 64
+
+# The copy baseline's buffer: far larger than any cache.
+COPY_BYTES = 256 * 2**20
+
+DTYPE_NAMES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": BFLOAT16}
+
+
+def dtype_name(dtype) -> str:
+    return {v: k for k, v in DTYPE_NAMES.items()}[np.dtype(dtype)]
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One benchmark case on the host: the table, the id sets, the axis.
+
+    table: (V, D) float32 / float16 / bfloat16. id_sets: list of (B, L) int32.
+    cache: conversions of ``table`` made by providers (a TF constant, a Keras layer,
+    a GPU copy), shared by every Inputs built on the same table so a 512 MB table
+    is converted once per provider, not once per case.
+    """
+
+    table: np.ndarray
+    id_sets: list
+    axis: Axis
+    cache: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.id_sets[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.id_sets[0].shape[1]
+
+
+def id_set_count(batch: int, length: int, dim: int, table_dtype) -> int:
+    """How many id sets to rotate among so the rows gathered exceed ROTATION_TARGET_BYTES."""
+    gathered = max(1, batch * length * dim * np.dtype(table_dtype).itemsize)
+    return int(min(MAX_ID_SETS, max(MIN_ID_SETS, math.ceil(ROTATION_TARGET_BYTES / gathered))))
+
+
+def random_id_sets(rng, vocab: int, batch: int, length: int, count: int) -> list:
+    """``count`` fresh (B, L) int32 arrays of uniform ids in [0, V)."""
+    return [rng.integers(0, vocab, size=(batch, length), dtype=np.int32) for _ in range(count)]
+
+
+def random_table(rng, vocab: int, dim: int, dtype) -> np.ndarray:
+    """A (V, D) table of uniform values in [-1, 1) in ``dtype``; every page written, none shared."""
+    table = rng.random((vocab, dim), dtype=np.float32)
+    table -= 0.5
+    table *= 2.0
+    return table if np.dtype(dtype) == np.float32 else table.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Providers
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One way of computing the op.
+
+    name: short id used in tables, JSON and pytest-benchmark ids.
+    device: "cpu" or "gpu": where its table lives.
+    description: what it runs, for the terminal and RESULTS.md.
+    exact: True for this package's kernels (validated with the reference
+      tolerances); False for other frameworks' ops, which may pool float16 and
+      bfloat16 in that dtype (validated with the Keras tolerances).
+    probe: () -> None when it can run here, else why not.
+    supports: (axis, table dtype) -> None, or why this case has no such op.
+    prepare: (Inputs) -> runner; runner(k) -> result for id set k, finished.
+    """
+
+    name: str
+    device: str
+    description: str
+    exact: bool
+    probe: Callable[[], str | None]
+    supports: Callable[[Axis, np.dtype], str | None]
+    prepare: Callable[[Inputs], Callable[[int], Any]]
+
+    def unavailable_reason(self) -> str | None:
+        return _probe_once(self.name, self.probe)
+
+
+_probes: dict[str, str | None] = {}
+
+
+def _probe_once(name, probe) -> str | None:
+    if name not in _probes:
+        try:
+            _probes[name] = probe()
+        except Exception as exc:  # an optional framework that is there but broken
+            _probes[name] = f"{type(exc).__name__}: {exc}"
+    return _probes[name]
+
+
+def _any_case(axis, dtype):
+    return None
+
+
+def _import_reason(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return f"{module} is not installed ({exc})"
+    return None
+
+
+# --- framework helpers (lazy imports) ---------------------------------------
+
+def _tf():
+    import tensorflow as tf
+    return tf
+
+
+def _tf_probe() -> str | None:
+    return _import_reason("tensorflow")
+
+
+def _tf_gpu_probe() -> str | None:
+    reason = _tf_probe()
+    if reason:
+        return reason
+    return None if _tf().config.list_physical_devices("GPU") else "TensorFlow sees no GPU"
+
+
+def _tf_device(device: str) -> str:
+    return "/GPU:0" if device == "gpu" else "/CPU:0"
+
+
+def _tf_table(inputs: Inputs, device: str):
+    """The table as a TF tensor on ``device`` (made once per table)."""
+    key = ("tf-table", device)
+    if key not in inputs.cache:
+        tf = _tf()
+        with tf.device(_tf_device(device)):
+            inputs.cache[key] = tf.identity(tf.constant(inputs.table))
+    return inputs.cache[key]
+
+
+def _tf_ids(inputs: Inputs, device: str):
+    tf = _tf()
+    with tf.device(_tf_device(device)):
+        return [tf.identity(tf.constant(ids)) for ids in inputs.id_sets]
+
+
+def _tf_finish(result, device: str):
+    """Wait for a TF result: eager CPU ops have run on return; a GPU result is read back (small)."""
+    if device == "gpu":
+        result = result.cpu() if hasattr(result, "cpu") else result
+    np.asarray(result)  # zero-copy on the host; forces any pending work
+    return result
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _torch_probe() -> str | None:
+    return _import_reason("torch")
+
+
+def _torch_gpu_probe() -> str | None:
+    reason = _torch_probe()
+    if reason:
+        return reason
+    return None if _torch().cuda.is_available() else "PyTorch sees no CUDA device"
+
+
+def _torch_table(inputs: Inputs, device: str):
+    """The table as a torch tensor (zero-copy on the host; bfloat16 through its bits)."""
+    key = ("torch-table", device)
+    if key not in inputs.cache:
+        torch = _torch()
+        table = inputs.table
+        if table.dtype == BFLOAT16:
+            tensor = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(table)
+        inputs.cache[key] = tensor.to("cuda") if device == "gpu" else tensor
+    return inputs.cache[key]
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    torch = _torch()
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    return tensor.numpy()
+
+
+def _torch_gpu_sync():
+    _torch().cuda.synchronize()
+
+
+# --- GPU arrays for the fused GPU backends ----------------------------------
+
+def real_gpu_reason() -> str | None:
+    """None when a real CUDA GPU is usable for timing; the CUDA simulator does not count."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "only the CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1): nothing to time"
+    try:
+        from numba import cuda
+    except ImportError as exc:
+        return f"numba's CUDA target is not importable ({exc})"
+    try:
+        if not cuda.is_available():
+            return "no CUDA GPU or driver found"
+    except Exception as exc:
+        return f"CUDA probe failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _gpu_array(array: np.ndarray):
+    """A copy of a host array on the GPU: CuPy if installed, else a Numba device array."""
+    bits = array.view(np.uint16) if array.dtype == BFLOAT16 else array
+    if _import_reason("cupy") is None:
+        import cupy
+        device = cupy.asarray(bits)
+    else:
+        from numba import cuda
+        device = cuda.to_device(bits)
+    # Neither CuPy nor Numba has bfloat16: carry the bits, labelled as bfloat16.
+    return _Bfloat16OnDevice(device) if array.dtype == BFLOAT16 else device
+
+
+class _Bfloat16OnDevice:
+    """uint16 bits on the GPU that present themselves as a (V, D) bfloat16 array.
+
+    ``dtype`` says bfloat16 (what the core checks); ``__cuda_array_interface__`` is
+    the bits' own, which the GPU backends view as uint16 words anyway.
+    """
+
+    def __init__(self, bits):
+        self.bits = bits
+        self.shape, self.ndim = tuple(bits.shape), bits.ndim
+        self.dtype = BFLOAT16
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.bits.__cuda_array_interface__
+
+
+def _gpu_to_numpy(result, dtype) -> np.ndarray:
+    result = getattr(result, "bits", result)
+    if hasattr(result, "get"):
+        host = result.get()
+    elif hasattr(result, "copy_to_host"):
+        host = result.copy_to_host()
+    else:
+        host = np.asarray(result)
+    # bfloat16 comes back as its bits (or a raw 2-byte type): reinterpret, never convert.
+    return host.view(dtype) if host.dtype != dtype and host.dtype.itemsize == dtype.itemsize else host
+
+
+def _gpu_sync():
+    from numba import cuda
+    cuda.synchronize()
+
+
+# --- the providers -----------------------------------------------------------
+
+def _fused_backend_provider(name: str) -> Provider:
+    device = "gpu" if backends.device_of_backend(name) == "cuda" else "cpu"
+
+    def probe():
+        if device == "gpu":
+            reason = real_gpu_reason()
+            if reason:
+                return reason
+        return backends.unavailable_reason(name)
+
+    def prepare(inputs: Inputs):
+        from .api import embedding_mean
+        axis = int(inputs.axis)
+        if device == "cpu":
+            id_sets, table = inputs.id_sets, inputs.table
+
+            def run(k):
+                return embedding_mean(table, id_sets[k], axis=axis, backend=name)
+            return run
+        key = ("gpu-table",)
+        if key not in inputs.cache:
+            inputs.cache[key] = _gpu_array(inputs.table)
+        table = inputs.cache[key]
+        id_sets = [_gpu_array(ids) for ids in inputs.id_sets]
+
+        def run_gpu(k):
+            out = embedding_mean(table, id_sets[k], axis=axis, backend=name)
+            _gpu_sync()
+            return out
+        return run_gpu
+
+    return Provider(
+        name=f"fused[{name}]", device=device, exact=True,
+        description=f"fused_embedding.embedding_mean(backend={name!r})",
+        probe=probe, supports=_any_case, prepare=prepare)
+
+
+def _tf_op_provider() -> Provider:
+    """The package's TF op end to end inside tf.function (py_function hand-off included)."""
+
+    def probe():
+        reason = _tf_probe()
+        if reason:
+            return reason
+        try:
+            importlib.import_module("fused_embedding.tf")
+        except ImportError as exc:
+            return f"fused_embedding.tf is not importable yet ({exc})"
+        return None
+
+    def prepare(inputs: Inputs):
+        tf = _tf()
+        fe_tf = importlib.import_module("fused_embedding.tf")
+        axis = int(inputs.axis)
+        table = _tf_table(inputs, "cpu")
+        id_sets = _tf_ids(inputs, "cpu")
+        op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids, axis=axis))
+
+        def run(k):
+            return _tf_finish(op(table, id_sets[k]), "cpu")
+        return run
+
+    return Provider(
+        name="tf-op", device="cpu", exact=True,
+        description="fused_embedding.tf.embedding_mean inside tf.function",
+        probe=probe, supports=_any_case, prepare=prepare)
+
+
+def _tf_unfused_provider(device: str) -> Provider:
+    def prepare(inputs: Inputs):
+        tf = _tf()
+        axis = int(inputs.axis)
+        table = _tf_table(inputs, device)
+        id_sets = _tf_ids(inputs, device)
+
+        @tf.function
+        def unfused(t, ids):
+            return tf.reduce_mean(tf.gather(t, ids), axis=axis)  # writes [B][L][D], reads it back
+
+        def run(k):
+            with tf.device(_tf_device(device)):
+                return _tf_finish(unfused(table, id_sets[k]), device)
+        return run
+
+    return Provider(
+        name="tf-unfused" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
+        description="tf.reduce_mean(tf.gather(table, ids), axis) in tf.function",
+        probe=_tf_gpu_probe if device == "gpu" else _tf_probe, supports=_any_case, prepare=prepare)
+
+
+def _keras_provider() -> Provider:
+    def prepare(inputs: Inputs):
+        tf = _tf()
+        import keras
+        key = ("keras-embedding",)
+        if key not in inputs.cache:
+            vocab, dim = inputs.table.shape
+            embedding = keras.layers.Embedding(vocab, dim, embeddings_initializer="zeros",
+                                               dtype=np.dtype(inputs.table.dtype).name)
+            embedding.build((None, None))
+            embedding.embeddings.assign(inputs.table)
+            inputs.cache[key] = embedding
+        embedding = inputs.cache[key]
+        data_format = "channels_last" if inputs.axis is Axis.SEQUENCE else "channels_first"
+        pooling = keras.layers.GlobalAveragePooling1D(data_format=data_format,
+                                                      dtype=np.dtype(inputs.table.dtype).name)
+        model = tf.function(lambda ids: pooling(embedding(ids)))
+        id_sets = _tf_ids(inputs, "cpu")
+
+        def run(k):
+            return _tf_finish(model(id_sets[k]), "cpu")
+        return run
+
+    def probe():
+        return _tf_probe() or _import_reason("keras")
+
+    return Provider(
+        name="keras", device="cpu", exact=False,
+        description="keras Embedding -> GlobalAveragePooling1D in tf.function",
+        probe=probe, supports=_any_case, prepare=prepare)
+
+
+def _sequence_only(axis, dtype):
+    return None if axis is Axis.SEQUENCE else "pools bags (axis 1) only"
+
+
+def _tf_sparse_provider() -> Provider:
+    """TF's own fused lookup: tf.nn.embedding_lookup_sparse(combiner="mean")."""
+
+    def prepare(inputs: Inputs):
+        tf = _tf()
+        table = _tf_table(inputs, "cpu")
+        batch, length = inputs.batch, inputs.length
+        # The sparse ids are built outside the timed region, as a model fed
+        # sparse features would receive them.
+        rows = np.repeat(np.arange(batch, dtype=np.int64), length)
+        cols = np.tile(np.arange(length, dtype=np.int64), batch)
+        indices = tf.constant(np.stack([rows, cols], axis=1))
+        sparse_sets = [tf.SparseTensor(indices, tf.constant(ids.reshape(-1).astype(np.int64)),
+                                       (batch, length)) for ids in inputs.id_sets]
+        lookup = tf.function(lambda t, sp: tf.nn.embedding_lookup_sparse(t, sp, None, combiner="mean"))
+
+        def run(k):
+            return _tf_finish(lookup(table, sparse_sets[k]), "cpu")
+        return run
+
+    return Provider(
+        name="tf-lookup-sparse", device="cpu", exact=False,
+        description='tf.nn.embedding_lookup_sparse(combiner="mean") in tf.function',
+        probe=_tf_probe, supports=_sequence_only, prepare=prepare)
+
+
+def _torch_provider(device: str) -> Provider:
+    def prepare(inputs: Inputs):
+        torch = _torch()
+        table = _torch_table(inputs, device)
+        target = "cuda" if device == "gpu" else "cpu"
+        id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
+        embedding_bag = torch.nn.functional.embedding_bag
+
+        def run(k):
+            with torch.inference_mode():
+                out = embedding_bag(id_sets[k], table, mode="mean")
+            if device == "gpu":
+                _torch_gpu_sync()
+            return out
+        return run
+
+    return Provider(
+        name="torch-embedding-bag" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
+        description='torch.nn.functional.embedding_bag(mode="mean")',
+        probe=_torch_gpu_probe if device == "gpu" else _torch_probe,
+        supports=_sequence_only, prepare=prepare)
+
+
+@functools.lru_cache(maxsize=None)
+def all_providers() -> tuple[Provider, ...]:
+    """Every provider we know, GPU ones first, the unfused TF path (the baseline) among them."""
+    fused = [_fused_backend_provider(name) for name in backends.REGISTRY if name != "numpy"]
+    return tuple(
+        [p for p in fused if p.device == "gpu"]
+        + [_torch_provider("gpu"), _tf_unfused_provider("gpu")]
+        + [p for p in fused if p.device == "cpu"]
+        + [_tf_op_provider(), _tf_unfused_provider("cpu"), _keras_provider(),
+           _tf_sparse_provider(), _torch_provider("cpu")])
+
+
+def providers_for(device: str) -> list[Provider]:
+    """The providers of ``device`` ("cpu", "gpu" or "all"), available or not."""
+    return [p for p in all_providers() if device in ("all", p.device)]
+
+
+def baseline_name(device: str) -> str:
+    """The provider every speedup is measured against: the unfused TF path on that device."""
+    return "tf-unfused-gpu" if device == "gpu" else "tf-unfused"
+
+
+def to_numpy(result, dtype) -> np.ndarray:
+    """A provider's result as a host NumPy array of ``dtype`` (for validation, not timing)."""
+    dtype = np.dtype(dtype)
+    if type(result).__module__.startswith("torch"):
+        return _torch_to_numpy(result)
+    if isinstance(result, np.ndarray):
+        return result
+    if hasattr(result, "numpy") and type(result).__module__.startswith("tensorflow"):
+        return np.asarray(result)
+    return _gpu_to_numpy(result, dtype)
+
+
+# ---------------------------------------------------------------------------
+# Validation and timing
+
+
+def validate_provider(provider: Provider, rng, axis: Axis, table_dtype,
+                      vocab=1000, dim=33, batch=7, length=19) -> str | None:
+    """None when ``provider`` matches the float64 reference on fresh random inputs, else a report.
+
+    Small odd shapes; the package's own ops use the reference tolerances, other
+    frameworks the Keras ones (they may pool 16-bit tables in 16 bits).
+    """
+    from .validation import random_inputs
+    table, ids = random_inputs(rng, vocab, dim, batch, length, table_dtype)
+    inputs = Inputs(table, [ids], axis)
+    result = to_numpy(provider.prepare(inputs)(0), table_dtype)
+    expected = embedding_mean_reference(table, ids, axis)
+    if np.dtype(result.dtype) != np.dtype(table_dtype):
+        return f"returned {result.dtype}, expected {np.dtype(table_dtype)}"
+    return compare(result, expected, **tolerance(table_dtype, "reference" if provider.exact else "keras"))
+
+
+def time_runner(runner: Callable[[int], Any], n_sets: int, repeats: int, warmup: int = 2,
+                max_seconds: float | None = None) -> list[float]:
+    """Seconds per call, id sets rotated call by call; stops early past ``max_seconds``.
+
+    The first ``warmup`` calls (compilation, tracing, first touch) are not kept.
+    At least 3 timed calls are kept even past ``max_seconds``.
+    """
+    for k in range(warmup):
+        runner(k % n_sets)
+    times = []
+    start = time.perf_counter()
+    for rep in range(repeats):
+        k = (warmup + rep) % n_sets
+        t0 = time.perf_counter()
+        runner(k)
+        times.append(time.perf_counter() - t0)
+        if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    """Median and p20/p80 in milliseconds."""
+    ms = np.asarray(times) * 1e3
+    return dict(median_ms=float(np.median(ms)), p20_ms=float(np.percentile(ms, 20)),
+                p80_ms=float(np.percentile(ms, 80)))
+
+
+def measure_copy(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> dict:
+    """The memory bandwidth a large copy reaches on ``device`` (GB/s = 2 * nbytes / time)."""
+    if device == "cpu":
+        src = np.ones(nbytes // 4, dtype=np.float32)
+        dst = np.empty_like(src)
+
+        def run(_k):
+            np.copyto(dst, src)
+        what = f"np.copyto of {nbytes / 2**20:.0f} MiB"
+    else:
+        torch_reason = _torch_gpu_probe()
+        if _import_reason("cupy") is None:
+            import cupy
+            src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+            dst = cupy.empty_like(src)
+
+            def run(_k):
+                cupy.copyto(dst, src)
+                cupy.cuda.runtime.deviceSynchronize()
+            what = f"cupy.copyto of {nbytes / 2**20:.0f} MiB"
+        elif torch_reason is None:
+            torch = _torch()
+            src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+            dst = torch.empty_like(src)
+
+            def run(_k):
+                dst.copy_(src)
+                torch.cuda.synchronize()
+            what = f"torch copy_ of {nbytes / 2**20:.0f} MiB"
+        else:
+            raise RuntimeError(f"no GPU copy baseline: CuPy is missing and {torch_reason}")
+    times = time_runner(run, 1, repeats)
+    stats = summarize(times)
+    stats.update(device=device, what=what, nbytes=copy_bytes(nbytes),
+                 gb_per_s=gb_per_s(copy_bytes(nbytes), stats["median_ms"] / 1e3),
+                 times_ms=[t * 1e3 for t in times])
+    return stats
+
+
+def case_bytes(inputs: Inputs) -> int:
+    """The bytes model's traffic for one call of this case (the same for every provider)."""
+    return fused_bytes(inputs.batch, inputs.length, inputs.table.shape[1], inputs.table.dtype,
+                       inputs.id_sets[0].dtype, inputs.axis)
