@@ -1,0 +1,272 @@
+"""The Keras layer ``EmbeddingMean`` and the model rewrites ``fuse`` / ``unfuse``.
+
+``EmbeddingMean`` is one layer for the pair ``Embedding -> GlobalAveragePooling1D``:
+it owns the (input_dim, output_dim) ``embeddings`` variable and calls the fused
+TF op on it. ``fuse(model)`` swaps every such pair in a model for one; ``unfuse``
+swaps them back (native Keras layers, for tools that need them).
+
+Keras 3 with the TensorFlow backend only (the op is a TF op).
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from . import tf as fused_tf
+
+_DATA_FORMATS = {"channels_last": 1, "channels_first": 2}
+
+
+def _check_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(f"fused_embedding.keras needs Keras' TensorFlow backend, this Keras runs "
+                           f"on {keras.backend.backend()!r} (set KERAS_BACKEND=tensorflow)")
+
+
+@keras.saving.register_keras_serializable(package="fused_embedding")
+class EmbeddingMean(keras.layers.Layer):
+    """``Embedding(input_dim, output_dim) -> GlobalAveragePooling1D(data_format)`` in one fused layer.
+
+    Input: (B, L) int32 or int64 ids in [0, input_dim) (declare the Input with an
+    integer dtype: float ids are refused, not truncated as Embedding does).
+    Output: (B, output_dim) for ``data_format="channels_last"`` (the mean over the
+    L ids), (B, L) for ``"channels_first"`` (the mean over each id's features), in
+    the layer's compute dtype; accumulated in float32.
+
+    Beside Keras' pair: with ``mask_zero=True`` a bag of nothing but padding gives
+    zeros (Keras: NaN), and ``channels_first`` gives 0 at padding positions (Keras'
+    pooling fails there unless L == output_dim). Ids outside [0, input_dim) raise
+    (tf.errors.InvalidArgumentError naming the id), negative ones included.
+
+    The table is read where it lives: with a mixed-precision policy it is not cast
+    per call (the layer does not autocast); only the output is cast.
+    """
+
+    def __init__(self, input_dim, output_dim, data_format="channels_last", mask_zero=False,
+                 embeddings_initializer="uniform", embeddings_regularizer=None,
+                 embeddings_constraint=None, backend=None, **kwargs):
+        _check_backend()
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if data_format not in _DATA_FORMATS:
+            raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
+        if not isinstance(mask_zero, (bool, np.bool_)):
+            raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.data_format = data_format
+        self.mask_zero = bool(mask_zero)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
+        self.backend = backend
+        # tf.py_function cannot be compiled by XLA: keep Keras' jit_compile="auto" off.
+        self.supports_jit = False
+        self.input_spec = keras.layers.InputSpec(ndim=2)
+
+    @property
+    def axis(self) -> int:
+        return _DATA_FORMATS[self.data_format]
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer,
+            name="embeddings", regularizer=self.embeddings_regularizer,
+            constraint=self.embeddings_constraint, trainable=True)
+        self.built = True
+
+    def call(self, inputs):
+        out = fused_tf.embedding_mean(self.embeddings.value, inputs, axis=self.axis,
+                                      mask_zero=self.mask_zero, backend=self.backend)
+        return keras.ops.cast(out, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        batch, length = tuple(input_shape)
+        return (batch, self.output_dim) if self.axis == 1 else (batch, length)
+
+    def compute_output_spec(self, inputs):
+        # Functional construction: checked here, on the symbolic input, before any data.
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if dtype not in ("int32", "int64"):
+            raise TypeError(f"{self.name} takes int32 or int64 ids, got {dtype} (float ids are not "
+                            f"truncated as Embedding does): declare keras.Input(..., dtype='int32')")
+        if len(inputs.shape) != 2:
+            raise ValueError(f"{self.name} takes (batch, length) ids, got shape {inputs.shape}")
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # the pooled output has no sequence axis left to mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_dim=self.input_dim, output_dim=self.output_dim, data_format=self.data_format,
+            mask_zero=self.mask_zero,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+            embeddings_regularizer=keras.regularizers.serialize(self.embeddings_regularizer),
+            embeddings_constraint=keras.constraints.serialize(self.embeddings_constraint),
+            backend=self.backend)
+        return config
+
+    @classmethod
+    def from_layers(cls, embedding, pooling, name=None, backend=None) -> "EmbeddingMean":
+        """One EmbeddingMean for a built ``Embedding -> GlobalAveragePooling1D`` pair.
+
+        It shares the Embedding's ``embeddings`` variable (no copy of the table):
+        both layers then read, and train, the same weights.
+        """
+        if not isinstance(embedding, keras.layers.Embedding):
+            raise TypeError(f"embedding must be a keras.layers.Embedding, got {type(embedding).__name__}")
+        if not isinstance(pooling, keras.layers.GlobalAveragePooling1D):
+            raise TypeError(f"pooling must be a keras.layers.GlobalAveragePooling1D, "
+                            f"got {type(pooling).__name__}")
+        if not embedding.built:
+            raise ValueError(f"the Embedding {embedding.name!r} is not built yet: call it on ids "
+                             f"(or build it) first, so that it has weights to carry over")
+        if embedding.quantization_mode or getattr(embedding, "lora_enabled", False):
+            raise ValueError(f"the Embedding {embedding.name!r} is quantized or has LoRA weights; "
+                             f"only a plain float table can be fused")
+        layer = cls(embedding.input_dim, embedding.output_dim, data_format=pooling.data_format,
+                    mask_zero=bool(embedding.mask_zero),
+                    embeddings_initializer=embedding.embeddings_initializer,
+                    embeddings_regularizer=embedding.embeddings_regularizer,
+                    embeddings_constraint=embedding.embeddings_constraint,
+                    backend=backend, dtype=embedding.dtype_policy,
+                    name=name or f"{embedding.name}_mean")
+        layer.embeddings = embedding.embeddings
+        layer.built = True
+        return layer
+
+    def to_layers(self) -> tuple[keras.layers.Embedding, keras.layers.GlobalAveragePooling1D]:
+        """The native pair (new layers; the Embedding gets a copy of this layer's table)."""
+        if self.mask_zero and self.data_format == "channels_first":
+            raise ValueError(f"{self.name}: Keras' GlobalAveragePooling1D(data_format='channels_first') "
+                             f"cannot take Embedding(mask_zero=True)'s mask (it fails unless L equals "
+                             f"output_dim), so this layer has no native equivalent")
+        embedding = keras.layers.Embedding(
+            self.input_dim, self.output_dim, mask_zero=self.mask_zero,
+            embeddings_initializer=self.embeddings_initializer,
+            embeddings_regularizer=self.embeddings_regularizer,
+            embeddings_constraint=self.embeddings_constraint,
+            dtype=self.dtype_policy, name=f"{self.name}_embedding")
+        embedding.build((None, None))
+        embedding.embeddings.assign(self.embeddings)
+        pooling = keras.layers.GlobalAveragePooling1D(data_format=self.data_format,
+                                                      name=f"{self.name}_pooling")
+        return embedding, pooling
+
+
+def _fusible_pairs(model) -> dict:
+    """{id(pooling): (embedding, pooling)} for each Embedding whose output feeds only a GAP1D."""
+    model_outputs = {id(t) for t in model.outputs}
+    pairs = {}
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Embedding) or len(layer._inbound_nodes) != 1:
+            continue
+        consumers = layer._outbound_nodes
+        if len(consumers) != 1 or not isinstance(consumers[0].operation, keras.layers.GlobalAveragePooling1D):
+            continue
+        pooling = consumers[0].operation
+        if len(pooling._inbound_nodes) != 1 or id(layer.output) in model_outputs:
+            continue  # shared pooling, or the embeddings are also a model output
+        pairs[id(pooling)] = (layer, pooling)
+    return pairs
+
+
+def _check_int_ids(tensor, layer):
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    if dtype not in ("int32", "int64"):
+        raise TypeError(f"cannot fuse {layer.name!r}: its ids are {dtype} (Embedding truncates float "
+                        f"ids, EmbeddingMean refuses them); build the model on "
+                        f"keras.Input(..., dtype='int32')")
+
+
+def fuse(model, backend=None):
+    """A model with every ``Embedding -> GlobalAveragePooling1D`` pair replaced by an EmbeddingMean.
+
+    Functional and Sequential models (nested models are left as they are). An
+    Embedding is fused when it is called once and its output goes to exactly one
+    GlobalAveragePooling1D and nowhere else. Other layers are reused as they are
+    (same objects, same weights); each EmbeddingMean shares its Embedding's
+    variable. The ids must be int32/int64 inputs.
+
+    Returns a new model; ``model`` is unchanged. Outputs equal the original's up
+    to float rounding, except where Keras gives NaN (all-padding bags: zeros here).
+    """
+    _check_backend()
+    if isinstance(model, keras.Sequential):
+        return _rewrite_sequential(model, _fuse_layer_list, backend)
+    pairs = _fusible_pairs(model)
+    embeddings = {id(embedding) for embedding, _ in pairs.values()}
+
+    def call_function(layer, *args, **kwargs):
+        if id(layer) in embeddings:
+            return args[0]  # the ids pass straight to the pooling's stand-in
+        if id(layer) in pairs:
+            embedding, pooling = pairs[id(layer)]
+            _check_int_ids(args[0], embedding)
+            return EmbeddingMean.from_layers(embedding, pooling, backend=backend)(args[0])
+        return layer(*args, **kwargs)
+
+    return keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                    call_function=call_function)
+
+
+def unfuse(model):
+    """The inverse of ``fuse``: every EmbeddingMean becomes ``Embedding -> GlobalAveragePooling1D``.
+
+    Native Keras layers only, for tools that need them. Other layers are reused as
+    they are. Raises ValueError for a ``channels_first`` + ``mask_zero`` layer, which
+    Keras' pooling cannot express.
+    """
+    _check_backend()
+    if isinstance(model, keras.Sequential):
+        return _rewrite_sequential(model, _unfuse_layer_list, None)
+
+    def call_function(layer, *args, **kwargs):
+        if isinstance(layer, EmbeddingMean):
+            embedding, pooling = layer.to_layers()
+            return pooling(embedding(args[0]))
+        return layer(*args, **kwargs)
+
+    return keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                    call_function=call_function)
+
+
+def _fuse_layer_list(layers, backend):
+    out, i = [], 0
+    while i < len(layers):
+        layer = layers[i]
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, keras.layers.Embedding) and isinstance(following, keras.layers.GlobalAveragePooling1D):
+            out.append(EmbeddingMean.from_layers(layer, following, backend=backend))
+            i += 2
+        else:
+            out.append(layer)
+            i += 1
+    return out
+
+
+def _unfuse_layer_list(layers, _backend):
+    out = []
+    for layer in layers:
+        out.extend(layer.to_layers() if isinstance(layer, EmbeddingMean) else [layer])
+    return out
+
+
+def _rewrite_sequential(model, rewrite, backend):
+    layers = rewrite(list(model.layers), backend)
+    if not model.inputs:
+        return keras.Sequential(layers, name=model.name)
+    (model_input,) = model.inputs
+    if any(isinstance(layer, EmbeddingMean) for layer in layers) and layers:
+        first = layers[0]
+        if isinstance(first, EmbeddingMean):
+            _check_int_ids(model_input, first)
+    new_input = keras.Input(batch_shape=model_input.shape, dtype=model_input.dtype)
+    return keras.Sequential([new_input, *layers], name=model.name)
