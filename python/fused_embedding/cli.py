@@ -298,9 +298,24 @@ def _validate_providers(providers, axes, dtypes, rng, bar) -> list[dict]:
     return rows
 
 
+def _check_writable(path: Path, parser, what: str, is_dir: bool) -> None:
+    """Fail before a long run, not after it, when its results could not be written."""
+    if path.exists() and path.is_dir() != is_dir:
+        parser.error(f"{what} {path}: expected {'a folder' if is_dir else 'a file'}, "
+                     f"found {'a folder' if path.is_dir() else 'a file'}")
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        parser.error(f"{what} {path}: {ancestor} is not writable")
+
+
 def run_bench(args, parser) -> int:
     from . import providers as P
     started = time.time()
+    _check_writable(Path(args.out), parser, "--out", is_dir=True)
+    if args.results_md:
+        _check_writable(Path(args.results_md), parser, "--results-md", is_dir=False)
     cases = build_cases(args, parser)
     try:
         axes = [Axis(int(a)) for a in parse_choices(args.axes, ["1", "2"], "--axes")]
