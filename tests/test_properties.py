@@ -32,7 +32,7 @@ SPECIAL_VALUES = [np.nan, np.inf, -np.inf]
 # boundaries on the host; tiny for the simulator, where every CUDA thread is an
 # OS thread.
 HOST_LIMITS = dict(vocab=40, dim=40, batch=12, length=12)
-SIMULATOR_LIMITS = dict(vocab=12, dim=6, batch=3, length=4)
+SIMULATOR_LIMITS = dict(vocab=24, dim=24, batch=3, length=4)
 
 
 def backend_param(name):
