@@ -11,3 +11,96 @@ def cpu_bags_per_chunk(batch: int, threads: int) -> int:
     """Bags handled by one parallel iteration of a CPU kernel (>= 1)."""
     chunks = max(1, threads * CPU_CHUNKS_PER_THREAD)
     return max(1, -(-batch // chunks))
+
+
+# --- GPU ---------------------------------------------------------------------------------
+# One launch shape for both GPU backends (numba-cuda and cupy): only the widest load
+# each can issue differs (8 bytes in Numba, 16 in CUDA C).
+
+GPU_BLOCK_THREADS = 256      # 8 warps: enough loads in flight per block, no register limit on occupancy
+GPU_WARP = 32
+# Bytes of one gathered row a lane holds per row in flight: 4 rows x 64 bytes of
+# loads plus their accumulators stay well inside the register file (no spills).
+GPU_ROW_BYTES_PER_LANE = 64
+# Axis 2 sums a whole row per group: about this many words per lane before the
+# shared-memory/shuffle reduction, for a few loads in flight without idle lanes.
+GPU_AXIS2_WORDS_PER_LANE = 4
+GPU_MAX_GRID_X = 2**31 - 1
+GPU_MAX_GRID_Y = 65535
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def gpu_word_bytes(dim: int, item_bytes: int, address: int, max_word_bytes: int) -> int:
+    """The widest load (bytes, a power of two <= max_word_bytes) that tiles a row.
+
+    A word must divide the row's bytes (dim * item_bytes) so every row starts on a
+    word boundary, and divide the table's address so the loads are aligned.
+    Falls back to one element per load.
+    """
+    row_bytes = dim * item_bytes
+    word = max_word_bytes
+    while word > item_bytes and (row_bytes % word or address % word):
+        word //= 2
+    return max(word, item_bytes)
+
+
+class GpuLaunch:
+    """Launch shape of a GPU kernel: who reads which words of which gathered row.
+
+    word_bytes / elements_per_word / words_per_row: the row as W words of E elements.
+    lanes: threads per bag (axis 1) or per (bag, position) (axis 2), a power of two <= 32.
+    words_per_lane: K, the words of a row each lane holds (axis 1; a power of two).
+    groups_per_block: bags (axis 1) or positions (axis 2) per block.
+    grid: (x,) or (x, y) blocks; y = column tiles of lanes * words_per_lane words.
+    """
+
+    def __init__(self, word_bytes, elements_per_word, words_per_row, lanes, words_per_lane,
+                 block, grid):
+        self.word_bytes = word_bytes
+        self.elements_per_word = elements_per_word
+        self.words_per_row = words_per_row
+        self.lanes = lanes
+        self.words_per_lane = words_per_lane
+        self.block = block
+        self.groups_per_block = block // lanes
+        self.grid = grid
+
+    def __repr__(self):
+        return (f"GpuLaunch(word_bytes={self.word_bytes}, elements_per_word={self.elements_per_word}, "
+                f"words_per_row={self.words_per_row}, lanes={self.lanes}, "
+                f"words_per_lane={self.words_per_lane}, block={self.block}, grid={self.grid})")
+
+
+def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
+               word_bytes: int) -> GpuLaunch:
+    """The launch shape for a (B, L) x (V, D) call reading rows in ``word_bytes`` loads.
+
+    Axis 1: a group of lanes per bag, min(32, W rounded up to a power of two),
+    each lane K words (K * word_bytes <= GPU_ROW_BYTES_PER_LANE); rows wider than
+    a group's lanes * K words are split into column tiles (grid y).
+    Axis 2: a group of lanes per (bag, position), about
+    GPU_AXIS2_WORDS_PER_LANE words per lane.
+    Raises ValueError when the grid would exceed CUDA's limits. Callers skip the
+    launch when there is nothing to write (B == 0, or axis 2 with L == 0).
+    """
+    elements = word_bytes // item_bytes
+    words = dim // elements
+    block = GPU_BLOCK_THREADS
+    if int(axis) == 1:
+        lanes = min(GPU_WARP, _next_power_of_two(words))
+        max_per_lane = max(1, GPU_ROW_BYTES_PER_LANE // word_bytes)
+        per_lane = min(_next_power_of_two(-(-words // lanes)), _next_power_of_two(max_per_lane))
+        tiles = -(-words // (lanes * per_lane))
+        grid = (-(-batch // (block // lanes)), tiles)
+    else:
+        lanes = min(GPU_WARP, _next_power_of_two(-(-words // GPU_AXIS2_WORDS_PER_LANE)))
+        per_lane = -(-words // lanes)
+        grid = (-(-(batch * length) // (block // lanes)),)
+    if grid[0] > GPU_MAX_GRID_X or (len(grid) > 1 and grid[1] > GPU_MAX_GRID_Y):
+        raise ValueError(f"a GPU launch for B={batch}, L={length}, D={dim} needs a grid of {grid} "
+                         f"blocks, past CUDA's limits ({GPU_MAX_GRID_X}, {GPU_MAX_GRID_Y}); "
+                         f"split the batch")
+    return GpuLaunch(word_bytes, elements, words, lanes, per_lane, block, grid)

@@ -1,0 +1,173 @@
+"""The "numba-cuda" backend: Numba CUDA kernels (``kernels/cuda.py``) on GPU arrays.
+
+Device inputs (anything with ``__cuda_array_interface__``, or a CUDA DLPack
+array CuPy can import) are used in place and the result stays on the device.
+Host (NumPy) inputs are copied to the device and the result copied back: the way
+to validate the kernels, and the way they run under the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``). A table on the GPU with ids on the host copies the
+ids only, never the table.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import launch
+from ..semantics import BFLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
+from . import out_of_range_error
+
+DEVICE = "cuda"
+
+# Widest load the Numba kernels issue: a uint64 (two float32, four 16-bit floats).
+MAX_WORD_BYTES = 8
+# CUDA 13 supports compute capability 7.5 (Turing) and newer.
+MIN_COMPUTE_CAPABILITY = (7, 5)
+
+
+def _simulated() -> bool:
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import numba_cuda  # noqa: F401  (the maintained CUDA target, not numba's built-in one)
+        from numba import cuda
+    except ImportError as exc:
+        return f"numba-cuda is not installed ({exc}); pip install numba-cuda"
+    if _simulated():
+        return None
+    if not cuda.is_available():
+        return "no usable CUDA GPU or driver (numba.cuda.is_available() is False)"
+    capability = cuda.get_current_device().compute_capability
+    if tuple(capability) < MIN_COMPUTE_CAPABILITY:
+        return (f"the GPU has compute capability {capability[0]}.{capability[1]}, "
+                f"below the {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} CUDA 13 supports")
+    return None
+
+
+def memory_limit_bytes() -> int:
+    if _simulated():
+        from .numpy import os_physical_memory
+        return os_physical_memory()
+    from numba import cuda
+    _, total = cuda.current_context().get_memory_info()
+    return int(total)
+
+
+def _on_device(array) -> bool:
+    from ..api import device_of
+    return device_of(array) == "cuda"
+
+
+def device_view(array):
+    """A Numba device array over a GPU array's memory (no copy).
+
+    Takes ``__cuda_array_interface__`` objects, or CUDA DLPack arrays through CuPy.
+    """
+    from numba import cuda
+    if hasattr(array, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(array)
+    try:
+        import cupy
+    except ImportError as exc:
+        raise TypeError(f"a {type(array).__name__} on the GPU without __cuda_array_interface__ "
+                        f"needs CuPy to be imported through DLPack ({exc})") from exc
+    return cuda.as_cuda_array(cupy.from_dlpack(array))
+
+
+def element_dtype(dtype) -> np.dtype:
+    """The dtype the kernels see for a table/output element: float32, float16, or bfloat16's bits."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.uint16) if dtype == BFLOAT16 else dtype
+
+
+def word_dtype(fmt: int, word_bytes: int, item_bytes: int) -> np.dtype:
+    """The dtype of one load: float32 for single float32s, else unsigned bits."""
+    if word_bytes == item_bytes:
+        return np.dtype(np.float32) if fmt == FORMAT_FLOAT32 else np.dtype(np.uint16)
+    return np.dtype({2: np.uint16, 4: np.uint32, 8: np.uint64}[word_bytes])
+
+
+def embedding_mean(table, ids, axis, mask_zero, out=None):
+    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+
+    On the device when the table is; NumPy when it is on the host. ``out``: an
+    optional output (host or device) of the table's dtype, written in place.
+    """
+    from numba import cuda
+
+    from ..kernels import cuda as kernels
+    table_on_device = _on_device(table)
+    batch, length = ids.shape
+    vocab, dim = table.shape
+    dtype = np.dtype(table.dtype)
+    fmt = table_format(dtype)
+    shape = output_shape(axis, batch, length, dim)
+    elements = element_dtype(dtype)
+    if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
+        if out is not None:
+            return out
+        return np.empty(shape, dtype) if not table_on_device else \
+            _device_result(cuda.device_array(shape, elements), dtype, table)
+
+    # Table -> words: a view of the same bytes, loaded word_bytes at a time.
+    if table_on_device:
+        d_table = device_view(table)
+        if d_table.dtype != elements:
+            d_table = d_table.view(elements)
+        contiguous = d_table.is_c_contiguous()
+        address = d_table.device_ctypes_pointer.value if contiguous else 1
+    else:
+        host_table = np.ascontiguousarray(table).view(elements)
+        d_table, contiguous, address = None, True, 0  # a fresh device allocation is 256-byte aligned
+    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES) \
+        if contiguous else dtype.itemsize
+    word = word_dtype(fmt, word_bytes, dtype.itemsize)
+    if table_on_device:
+        d_words = d_table.view(word) if word != d_table.dtype else d_table
+    else:
+        d_words = cuda.to_device(host_table.view(word))
+
+    d_ids = device_view(ids) if _on_device(ids) else cuda.to_device(np.ascontiguousarray(ids))
+    if out is None:
+        d_out = cuda.device_array(shape, elements)
+        host_out = None if table_on_device else np.empty(shape, dtype)
+    elif _on_device(out):
+        d_out = device_view(out)
+        if d_out.dtype != elements:
+            d_out = d_out.view(elements)
+        host_out = None
+    else:
+        host_out = out
+        d_out = cuda.to_device(out.view(elements))  # keeps what the caller put there (poison)
+    bad_position = cuda.to_device(np.array([batch * length], dtype=np.int64))
+
+    config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
+    if axis is Axis.SEQUENCE:
+        kernel = kernels.make_gather_mean_sequence(fmt, word.str, config.lanes, config.words_per_lane)
+    else:
+        kernel = kernels.make_gather_mean_embedding(fmt, word.str, config.lanes)
+    kernel[config.grid, config.block](d_words, d_ids, bool(mask_zero), d_out, bad_position)
+
+    first_bad = int(bad_position.copy_to_host()[0])  # the one value read back; waits for the kernel
+    if first_bad < batch * length:
+        row, col = divmod(first_bad, length)
+        bad_id = d_ids[row:row + 1, col:col + 1].copy_to_host()[0, 0] if _on_device(ids) else ids[row, col]
+        raise out_of_range_error(int(bad_id), row, col, vocab)
+    if host_out is not None:
+        d_out.copy_to_host(host_out.view(elements))
+        return host_out
+    return out if out is not None else _device_result(d_out, dtype, table)
+
+
+def _device_result(d_out, dtype, table):
+    """The device output as the caller's kind of array: CuPy for CuPy tables, else Numba's."""
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is not None and isinstance(table, cupy.ndarray) and np.dtype(dtype) != BFLOAT16:
+        return cupy.asarray(d_out)
+    if np.dtype(dtype) == BFLOAT16:
+        return d_out.view(BFLOAT16)
+    return d_out
