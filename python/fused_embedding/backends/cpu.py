@@ -56,6 +56,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     from numba import get_num_threads
 
     from ..kernels import cpu as kernels
+    ids = np.ascontiguousarray(ids)  # the kernels walk ids flat; copies only ids, never the table
     batch, length = ids.shape
     if out is None:
         out = np.empty(output_shape(axis, batch, length, table.shape[1]), dtype=table.dtype)
