@@ -1,0 +1,105 @@
+"""The TF op never copies the table: a 2 GB table through tf.function vs the core op vs a per-call copy.
+
+    python benchmarks/bench_tf_zero_copy.py [--rounds 20] [--vocab 8000000]
+
+Shape: V=8,000,000, D=64 (a 2 GB float32 table), B=256, L=32, axis 1. Rows timed
+(medians of ``--rounds``, each call on the next of several fresh id sets):
+  * core op      ``fused_embedding.embedding_mean`` on NumPy views of the same TF buffers;
+  * tf op        ``fused_embedding.tf.embedding_mean`` inside tf.function (py_function,
+                 ``np.asarray`` of its inputs, the kernel, the output back to TF);
+  * copy per call  the same py_function but with ``tensor.numpy()`` of the table
+                 inside it: the copy ``np.asarray`` avoids.
+Also the two conversions alone. Prints a markdown block (machine, date, numbers)
+for RESULTS.md. Memory: the 2 GB table once, plus 2 GB transiently for the copy rows.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def median_ms(fn, rounds: int) -> float:
+    fn(0)  # warm-up: compilation, tracing
+    times = []
+    for k in range(rounds):
+        start = time.perf_counter()
+        fn(k + 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=8_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--copy-rounds", type=int, default=5, help="rounds for the 2 GB copy rows")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    import fused_embedding as fe
+    import fused_embedding.tf as fe_tf
+    from fused_embedding import bytes_model
+    from fused_embedding.reference import embedding_mean_reference
+    from fused_embedding.validation import assert_close
+
+    vocab, dim, batch, length = args.vocab, args.dim, args.batch, args.length
+    table = tf.random.uniform((vocab, dim), dtype=tf.float32)    # [V][D], made by TF, held once
+    table_view = np.asarray(table)                                # the same buffer, no copy
+    rng = np.random.default_rng()
+    n_sets = max(args.rounds, args.copy_rounds) + 1
+    id_sets = [rng.integers(0, vocab, (batch, length), dtype=np.int32) for _ in range(n_sets)]  # [B][L] each
+    id_tensors = [tf.constant(ids) for ids in id_sets]
+
+    fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+
+    def copying_body(t, ids):
+        return fe.embedding_mean(t.numpy(), np.asarray(ids))  # the trap: .numpy() copies all 2 GB
+
+    copying_op = tf.function(lambda t, ids: tf.py_function(copying_body, [t, ids], tf.float32))
+
+    # Correct before timed (a few bags against the float64 reference).
+    got = np.asarray(fused_op(table, id_tensors[0]))
+    assert_close(got[:8], embedding_mean_reference(table_view, id_sets[0][:8]), np.float32)
+
+    rows = [
+        ("core op on np.asarray views", median_ms(lambda k: fe.embedding_mean(table_view, id_sets[k]), args.rounds)),
+        ("tf op in tf.function", median_ms(lambda k: fused_op(table, id_tensors[k]), args.rounds)),
+        ("py_function with table.numpy() per call", median_ms(lambda k: copying_op(table, id_tensors[k]),
+                                                             args.copy_rounds)),
+        ("np.asarray(table) alone", median_ms(lambda k: np.asarray(table), args.rounds)),
+        ("table.numpy() alone", median_ms(lambda k: table.numpy(), args.copy_rounds)),
+    ]
+    core_ms = rows[0][1]
+    nbytes = bytes_model.fused_bytes(batch, length, dim, np.float32, np.int32)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"### TF op: zero copy on a {vocab * dim * 4 / 1e9:.2f} GB table",
+        "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, {date}; "
+        f"V={vocab:,}, D={dim}, B={batch}, L={length}, float32, axis 1; medians of "
+        f"{args.rounds} ({args.copy_rounds} for the copy rows).",
+        "",
+        "| path | ms | vs core op |",
+        "| --- | --- | --- |",
+    ]
+    for name, ms in rows:
+        lines.append(f"| {name} | {ms:.3f} | {ms - core_ms:+.3f} ms |")
+    lines += ["", f"Core op: {bytes_model.gb_per_s(nbytes, core_ms / 1e3):.1f} GB/s of the bytes model's "
+                  f"{nbytes / 1e6:.1f} MB per call."]
+    block = "\n".join(lines)
+    print(block)
+    return block
+
+
+if __name__ == "__main__":
+    main()
