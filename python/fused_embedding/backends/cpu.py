@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 
-from .. import launch
+from .. import launch, row_mean_cache
 from ..semantics import Axis, table_format, output_shape
 from . import raise_first_bad_id
 from .numpy import os_physical_memory
@@ -61,8 +61,26 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     if out is None:
         out = np.empty(output_shape(axis, batch, length, table.shape[1]), dtype=table.dtype)
     bad_position = np.empty(batch, dtype=np.int64)
-    kernel = kernels.gather_mean_sequence if axis is Axis.SEQUENCE else kernels.gather_mean_embedding
-    _launch(kernel, _bits(table), ids, mask_zero, table_format(table.dtype),
-            launch.cpu_bags_per_chunk(batch, get_num_threads()), _bits(out), bad_position)
+    fmt = table_format(table.dtype)
+    bags_per_chunk = launch.cpu_bags_per_chunk(batch, get_num_threads())
+    if axis is Axis.SEQUENCE:
+        _launch(kernels.gather_mean_sequence, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
+                _bits(out), bad_position)
+    else:
+        means = row_mean_cache.row_means(table, _row_means)
+        if means is not None:  # a constant table: B*L scalar reads
+            _launch(kernels.gather_row_means, means, ids, mask_zero, fmt, bags_per_chunk,
+                    _bits(out), bad_position)
+        else:
+            _launch(kernels.gather_mean_embedding, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
+                    _bits(out), bad_position)
     raise_first_bad_id(bad_position, ids, table.shape[0])
     return out
+
+
+def _row_means(table):
+    """float32 mean of each row of a (V, D) table: [V]."""
+    from ..kernels import cpu as kernels
+    means = np.empty(table.shape[0], dtype=np.float32)
+    _launch(kernels.row_means, _bits(table), table_format(table.dtype), means)
+    return means

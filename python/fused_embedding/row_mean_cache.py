@@ -1,0 +1,84 @@
+"""Cached per-row means of constant tables: axis 2 in O(B*L) instead of O(B*L*D).
+
+On axis 2 the mean of row r is the same for every bag that uses r, so for a
+table that does not change between calls (inference) a vector of row means
+turns the op into a scalar gather. A stale vector would be a wrong answer, so
+a table is cached only when its contents provably cannot change while the
+cache holds it:
+
+- TensorFlow tensors (and so Keras/TF variables read through the TF op): they
+  arrive as read-only views of an immutable buffer. While the cache holds a
+  view, TF's copy-on-write sends any ``assign`` to a new buffer, so a changed
+  variable shows up as a new address and is rebuilt.
+- NumPy arrays marked read-only (``table.setflags(write=False)``), with every
+  array they view read-only too. The flags are checked on every call: a call
+  with the table writable drops its entry. Writing to it between two calls and
+  making it read-only again before the next one can't be seen: call
+  ``clear()`` after doing that.
+
+Anything else (an ordinary writable NumPy array) takes the direct kernel every
+call, which is always right. Entries hold a reference to their table (that is
+what keeps the buffer unchanged); at most ``MAX_TABLES`` are kept, least
+recently used first out, and ``clear()`` drops them all.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+MAX_TABLES = 4
+
+_lock = threading.Lock()
+_entries: OrderedDict = OrderedDict()  # key -> (table, means [V] float32)
+
+
+def is_constant(table: np.ndarray) -> bool:
+    """True when no write can reach table's buffer while a reference to it is held."""
+    array = table
+    while isinstance(array, np.ndarray):
+        if array.flags.writeable:
+            return False
+        array = array.base
+    if array is None:
+        return True
+    if isinstance(array, memoryview):
+        return array.readonly
+    return False
+
+
+def _key(table: np.ndarray):
+    return (table.__array_interface__["data"][0], table.shape, table.strides, table.dtype.str)
+
+
+def row_means(table: np.ndarray, compute) -> np.ndarray | None:
+    """The cached float32 row means of a constant table ([V]), computed by ``compute(table)``
+    on a miss; None for a table that may change (the caller runs the direct kernel)."""
+    key = _key(table)
+    if not is_constant(table):
+        with _lock:  # seen writable: whatever was cached at this address may be stale
+            _entries.pop(key, None)
+        return None
+    with _lock:
+        entry = _entries.get(key)
+        if entry is not None:
+            _entries.move_to_end(key)
+            return entry[1]
+    means = compute(table)
+    with _lock:
+        _entries[key] = (table, means)
+        while len(_entries) > MAX_TABLES:
+            _entries.popitem(last=False)
+    return means
+
+
+def clear() -> None:
+    """Drop every cached table (and the references that kept them alive)."""
+    with _lock:
+        _entries.clear()
+
+
+def cached_tables() -> int:
+    with _lock:
+        return len(_entries)
