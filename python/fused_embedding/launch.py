@@ -22,6 +22,7 @@ GPU_WARP = 32
 # Bytes of one gathered row a lane holds per row in flight: 4 rows x 64 bytes of
 # loads plus their accumulators stay well inside the register file (no spills).
 GPU_ROW_BYTES_PER_LANE = 64
+GPU_MAX_WORDS_PER_LANE = 8
 # Axis 2 sums a whole row per group: about this many words per lane before the
 # shared-memory/shuffle reduction, for a few loads in flight without idle lanes.
 GPU_AXIS2_WORDS_PER_LANE = 4
@@ -79,7 +80,7 @@ def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
     """The launch shape for a (B, L) x (V, D) call reading rows in ``word_bytes`` loads.
 
     Axis 1: a group of lanes per bag, min(32, W rounded up to a power of two),
-    each lane K words (K * word_bytes <= GPU_ROW_BYTES_PER_LANE); rows wider than
+    each lane K words (K <= 8, K * word_bytes <= GPU_ROW_BYTES_PER_LANE); rows wider than
     a group's lanes * K words are split into column tiles (grid y).
     Axis 2: a group of lanes per (bag, position), about
     GPU_AXIS2_WORDS_PER_LANE words per lane.
@@ -91,7 +92,7 @@ def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
     block = GPU_BLOCK_THREADS
     if int(axis) == 1:
         lanes = min(GPU_WARP, _next_power_of_two(words))
-        max_per_lane = max(1, GPU_ROW_BYTES_PER_LANE // word_bytes)
+        max_per_lane = max(1, min(GPU_MAX_WORDS_PER_LANE, GPU_ROW_BYTES_PER_LANE // word_bytes))
         per_lane = min(_next_power_of_two(-(-words // lanes)), _next_power_of_two(max_per_lane))
         tiles = -(-words // (lanes * per_lane))
         grid = (-(-batch // (block // lanes)), tiles)

@@ -1,0 +1,211 @@
+// CUDA C kernels for the "cupy" backend: gather rows of a (V, D) table by (B, L) ids and
+// average, without the (B, L, D) intermediate. Compiled by CuPy's RawModule (NVRTC) with
+// name expressions such as "gather_mean_sequence<0, 16, 32, 1, int>"; no headers needed.
+//
+// The table is read as words of WB bytes (16: uint4, 8: uint2, 4: unsigned, 2: unsigned
+// short), each holding E = WB / item elements; the host picks the widest word that divides
+// the row's bytes and the table's address (fused_embedding.launch.gpu_word_bytes).
+//
+// FMT: 0 float32, 1 float16, 2 bfloat16 (fused_embedding.semantics.TABLE_FORMATS).
+// Accumulation is float32; the output has the table's format.
+//
+// Axis 1 (gather_mean_sequence): a group of G lanes (G | 32) per bag, each lane owning K words
+// of the row (a column tile of G * K words per blockIdx.y). Each lane loads one id of the
+// next G and checks it; the group broadcasts them with __shfl_sync, so ids are read once per
+// bag, then issues the loads of four rows before summing any of them.
+// Axis 2 (gather_mean_embedding): a group of G lanes per (bag, position) sums the row in
+// strided words, four in flight, then reduces across the group with __shfl_xor_sync.
+//
+// Bounds: an id outside [0, V) lowers *bad_position (B * L on entry) to its flat position
+// b * L + l with atomicMin; the host reads it after the launch and raises. Padding ids
+// (mask_zero) are never read. All index arithmetic is 64-bit.
+
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define FULL_WARP 0xffffffffu
+#define ROWS_IN_FLIGHT 4
+
+template <int WB> struct Word;
+template <> struct Word<16> {
+    typedef uint4 T;
+    static __device__ __forceinline__ unsigned unit(const T& w, int i) {
+        return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
+    }
+};
+template <> struct Word<8> {
+    typedef uint2 T;
+    static __device__ __forceinline__ unsigned unit(const T& w, int i) { return i == 0 ? w.x : w.y; }
+};
+template <> struct Word<4> {
+    typedef unsigned T;
+    static __device__ __forceinline__ unsigned unit(const T& w, int) { return w; }
+};
+template <> struct Word<2> {
+    typedef unsigned short T;
+    static __device__ __forceinline__ unsigned unit(const T& w, int) { return w; }
+};
+
+__device__ __forceinline__ float half_bits_to_float(unsigned bits) {
+    float value;
+    unsigned short h = (unsigned short)bits;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(h));
+    return value;
+}
+
+__device__ __forceinline__ unsigned short float_to_half_bits(float value) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(value));
+    return h;
+}
+
+// Round to nearest even, as ml_dtypes and TF do; NaN stays a quiet NaN.
+__device__ __forceinline__ unsigned short float_to_bfloat16_bits(float value) {
+    unsigned bits = __float_as_uint(value);
+    if (value != value) return (unsigned short)((bits >> 16) | 0x40u);
+    return (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+template <int FMT, int WB> struct Format {
+    static constexpr int ITEM = FMT == 0 ? 4 : 2;
+    static constexpr int E = WB / ITEM;  // elements per word
+    typedef typename Word<WB>::T W;
+    static __device__ __forceinline__ float element(const W& w, int e) {
+        if (FMT == 0) return __uint_as_float(Word<WB>::unit(w, e));
+        unsigned half = (Word<WB>::unit(w, e / 2) >> (16 * (e % 2))) & 0xffffu;
+        return FMT == 1 ? half_bits_to_float(half) : __uint_as_float(half << 16);
+    }
+    static __device__ __forceinline__ void store(void* out, i64 index, float value) {
+        if (FMT == 0) static_cast<float*>(out)[index] = value;
+        else if (FMT == 1) static_cast<unsigned short*>(out)[index] = float_to_half_bits(value);
+        else static_cast<unsigned short*>(out)[index] = float_to_bfloat16_bits(value);
+    }
+};
+
+// All-zero bits: +0.0 in every format, so an uncounted row adds nothing.
+template <int WB> __device__ __forceinline__ typename Word<WB>::T zero_word() {
+    return typename Word<WB>::T();
+}
+
+// The row to sum for an id, or -1 for padding and bad ids (recorded in bad_position).
+__device__ __forceinline__ i64 counted_row(i64 row, i64 vocab, int mask_zero, i64 flat_position,
+                                           i64* bad_position) {
+    if (row < 0 || row >= vocab) {
+        atomicMin(bad_position, flat_position);
+        return -1;
+    }
+    return (mask_zero && row == 0) ? -1 : row;
+}
+
+// table [V][W] words, ids [B][L] (IdT), out [B][D] (the table's format), bad_position [1].
+// grid (ceil(B / (blockDim.x / G)), ceil(W / (G * K))), block blockDim.x (a multiple of 32).
+template <int FMT, int WB, int G, int K, typename IdT>
+__global__ void gather_mean_sequence(const void* __restrict__ table, const void* __restrict__ ids_raw,
+                                     i64 batch, i64 length, i64 vocab, i64 n_words, int mask_zero,
+                                     void* __restrict__ out, i64* bad_position) {
+    typedef Format<FMT, WB> F;
+    typedef typename F::W W;
+    const W* __restrict__ words = static_cast<const W*>(table);
+    const IdT* __restrict__ ids = static_cast<const IdT*>(ids_raw);
+    const int lane = threadIdx.x % G;
+    const i64 b = (i64)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
+    const i64 first_word = (i64)blockIdx.y * (G * K) + lane;
+    const bool in_batch = b < batch;
+    const unsigned group_mask = G == 32 ? FULL_WARP : (((1u << G) - 1u) << ((threadIdx.x % 32) / G * G));
+
+    float acc[K][F::E];
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int e = 0; e < F::E; ++e) acc[k][e] = 0.f;
+    int count = 0;
+
+    // Every lane of a warp runs the same trip counts (L is shared by all bags), so the
+    // shuffles below always see their whole group.
+    for (i64 start = 0; start < length; start += G) {
+        const int n = (int)min((i64)G, length - start);
+        i64 my_row = -1;
+        if (in_batch && lane < n) {
+            const i64 position = b * length + start + lane;
+            my_row = counted_row((i64)ids[position], vocab, mask_zero, position, bad_position);
+        }
+        for (int j = 0; j < n; j += ROWS_IN_FLIGHT) {
+            i64 rows[ROWS_IN_FLIGHT];
+#pragma unroll
+            for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
+                const i64 r = __shfl_sync(group_mask, my_row, (j + u) % G, G);
+                rows[u] = (j + u < n) ? r : -1;
+                count += rows[u] >= 0;
+            }
+            W w[ROWS_IN_FLIGHT][K];
+#pragma unroll
+            for (int u = 0; u < ROWS_IN_FLIGHT; ++u)
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const i64 c = first_word + (i64)k * G;
+                    w[u][k] = (rows[u] >= 0 && c < n_words) ? words[rows[u] * n_words + c] : zero_word<WB>();
+                }
+#pragma unroll
+            for (int u = 0; u < ROWS_IN_FLIGHT; ++u)
+#pragma unroll
+                for (int k = 0; k < K; ++k)
+#pragma unroll
+                    for (int e = 0; e < F::E; ++e) acc[k][e] += F::element(w[u][k], e);
+        }
+    }
+    if (!in_batch) return;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const i64 c = first_word + (i64)k * G;
+        if (c < n_words) {
+#pragma unroll
+            for (int e = 0; e < F::E; ++e)
+                F::store(out, b * (n_words * F::E) + c * F::E + e,
+                         count ? acc[k][e] / (float)count : 0.f);
+        }
+    }
+}
+
+// table [V][W] words, ids [B][L] (IdT), out [B][L] (the table's format), bad_position [1].
+// grid ceil(B * L / (blockDim.x / G)), block blockDim.x (a multiple of 32).
+template <int FMT, int WB, int G, typename IdT>
+__global__ void gather_mean_embedding(const void* __restrict__ table, const void* __restrict__ ids_raw,
+                                      i64 batch, i64 length, i64 vocab, i64 n_words, int mask_zero,
+                                      void* __restrict__ out, i64* bad_position) {
+    typedef Format<FMT, WB> F;
+    typedef typename F::W W;
+    const W* __restrict__ words = static_cast<const W*>(table);
+    const IdT* __restrict__ ids = static_cast<const IdT*>(ids_raw);
+    const int lane = threadIdx.x % G;
+    const i64 position = (i64)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
+    const unsigned group_mask = G == 32 ? FULL_WARP : (((1u << G) - 1u) << ((threadIdx.x % 32) / G * G));
+    const bool in_range = position < batch * length;
+
+    float total = 0.f;
+    i64 row = -1;
+    if (in_range) {
+        // One lane checks the id (and records a bad one); the group shares the result.
+        if (lane == 0) row = counted_row((i64)ids[position], vocab, mask_zero, position, bad_position);
+    }
+    row = __shfl_sync(group_mask, row, 0, G);
+    if (row >= 0) {
+        const W* __restrict__ row_words = words + row * n_words;
+        i64 c = lane;
+        for (; c + 3 * G < n_words; c += 4 * G) {
+            const W w0 = row_words[c], w1 = row_words[c + G], w2 = row_words[c + 2 * G],
+                    w3 = row_words[c + 3 * G];
+#pragma unroll
+            for (int e = 0; e < F::E; ++e)
+                total += (F::element(w0, e) + F::element(w1, e)) + (F::element(w2, e) + F::element(w3, e));
+        }
+        for (; c < n_words; c += G) {
+            const W w = row_words[c];
+#pragma unroll
+            for (int e = 0; e < F::E; ++e) total += F::element(w, e);
+        }
+    }
+#pragma unroll
+    for (int step = G / 2; step > 0; step /= 2) total += __shfl_xor_sync(group_mask, total, step, G);
+    if (in_range && lane == 0)
+        F::store(out, position, row >= 0 ? total / (float)(n_words * F::E) : 0.f);
+}

@@ -1,0 +1,171 @@
+"""The "cupy" backend: CUDA C kernels (``kernels/gather_mean.cu``) compiled by CuPy's RawModule.
+
+The fallback when numba-cuda can't run. Same contract as "numba-cuda": device
+inputs stay on the device and give a CuPy result there; host (NumPy) inputs are
+copied over and the result copied back; a GPU table with host ids copies the ids
+only. Kernels are compiled once per device, table format, id dtype and launch
+shape (NVRTC, memoised here and cached on disk by CuPy).
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import numpy as np
+
+from .. import launch
+from ..semantics import BFLOAT16, Axis, output_shape, table_format
+from . import out_of_range_error
+
+DEVICE = "cuda"
+
+# Widest load the CUDA C kernels issue: a uint4 (four float32, eight 16-bit floats).
+MAX_WORD_BYTES = 16
+SOURCE_FILE = "gather_mean.cu"
+ID_TYPE_NAMES = {np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
+MIN_COMPUTE_CAPABILITY = 75  # CUDA 13 supports 7.5 (Turing) and newer
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import cupy
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc}); pip install cupy-cuda13x (or -cuda12x)"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA GPU"
+        capability = int(cupy.cuda.Device().compute_capability)
+    except Exception as exc:  # no driver, or a driver older than CuPy's CUDA
+        return f"CuPy cannot use a GPU here: {type(exc).__name__}: {exc}"
+    if capability < MIN_COMPUTE_CAPABILITY:
+        return f"the GPU has compute capability {capability / 10:.1f}, below the 7.5 CUDA 13 supports"
+    return None
+
+
+def memory_limit_bytes() -> int:
+    import cupy
+    _, total = cupy.cuda.runtime.memGetInfo()
+    return int(total)
+
+
+def kernel_source() -> str:
+    """The CUDA C source of the kernels (installed as package data of fused_embedding.kernels)."""
+    return resources.files("fused_embedding.kernels").joinpath(SOURCE_FILE).read_text()
+
+
+def kernel_name(axis: Axis, fmt: int, word_bytes: int, lanes: int, words_per_lane: int, id_dtype) -> str:
+    """The template instantiation a launch uses, e.g. ``gather_mean_sequence<0, 16, 32, 2, int>``."""
+    id_type = ID_TYPE_NAMES[np.dtype(id_dtype)]
+    if Axis(axis) is Axis.SEQUENCE:
+        return f"gather_mean_sequence<{fmt}, {word_bytes}, {lanes}, {words_per_lane}, {id_type}>"
+    return f"gather_mean_embedding<{fmt}, {word_bytes}, {lanes}, {id_type}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_id: int, fmt: int, id_dtype: str, name: str):
+    """The compiled kernel ``name`` on one device, compiled once (NVRTC) and memoised."""
+    import cupy
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",), name_expressions=[name])
+        return module.get_function(name)
+
+
+def _as_cupy(array):
+    """A CuPy array over a GPU array's memory (CUDA array interface or DLPack), no copy."""
+    import cupy
+    if isinstance(array, cupy.ndarray):
+        return array
+    if hasattr(array, "__cuda_array_interface__"):
+        return cupy.asarray(array)
+    return cupy.from_dlpack(array)
+
+
+def _element_dtype(dtype) -> np.dtype:
+    """The dtype CuPy holds an element in: float32, float16, or bfloat16's bits."""
+    return np.dtype(np.uint16) if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype)
+
+
+def embedding_mean(table, ids, axis, mask_zero, out=None):
+    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+
+    A CuPy array on the table's device when the table is on a GPU (bfloat16 results
+    as uint16 bits: CuPy has no bfloat16), NumPy when it is on the host. ``out``:
+    an optional output (host or device) of the table's dtype, written in place.
+    """
+    import cupy
+
+    from ..api import device_of
+    table_on_device = device_of(table) == "cuda"
+    batch, length = ids.shape
+    vocab, dim = table.shape
+    dtype = np.dtype(table.dtype)
+    elements = _element_dtype(dtype)
+    fmt = table_format(dtype)
+    shape = output_shape(axis, batch, length, dim)
+    if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
+        if out is not None:
+            return out
+        return cupy.empty(shape, elements) if table_on_device else np.empty(shape, dtype)
+
+    if table_on_device:
+        d_table = _as_cupy(table)
+        if d_table.dtype != elements:
+            d_table = d_table.view(elements)
+        if not d_table.flags.c_contiguous:
+            raise ValueError("the cupy backend needs a C-contiguous table on the GPU "
+                             "(the table is never copied); use numba-cuda or make it contiguous")
+    else:
+        d_table = cupy.asarray(np.ascontiguousarray(table).view(elements))
+    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, d_table.data.ptr, MAX_WORD_BYTES)
+    d_ids = cupy.ascontiguousarray(_as_cupy(ids)) if device_of(ids) == "cuda" \
+        else cupy.asarray(np.ascontiguousarray(ids))
+    host_out = None
+    if out is None:
+        d_out = cupy.empty(shape, elements)
+        if not table_on_device:
+            host_out = np.empty(shape, dtype)
+    elif device_of(out) == "cuda":
+        d_out = _as_cupy(out)
+        if d_out.dtype != elements:
+            d_out = d_out.view(elements)
+    else:
+        host_out = out
+        d_out = cupy.asarray(out.view(elements))  # keeps what the caller put there (poison)
+    bad_position = cupy.full(1, batch * length, dtype=cupy.int64)
+
+    config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
+    name = kernel_name(axis, fmt, word_bytes, config.lanes, config.words_per_lane, d_ids.dtype)
+    kernel = _kernel(cupy.cuda.Device().id, fmt, d_ids.dtype.str, name)
+    kernel(config.grid, (config.block,),
+           (d_table, d_ids, np.int64(batch), np.int64(length), np.int64(vocab),
+            np.int64(config.words_per_row), np.int32(bool(mask_zero)), d_out, bad_position))
+
+    first_bad = int(bad_position.get()[0])  # the one value read back; waits for the kernel
+    if first_bad < batch * length:
+        row, col = divmod(first_bad, length)
+        bad_id = int(d_ids[row, col].get()) if device_of(ids) == "cuda" else int(ids[row, col])
+        raise out_of_range_error(bad_id, row, col, vocab)
+    if host_out is not None:
+        d_out.get(out=host_out.view(elements))
+        return host_out
+    return out if out is not None else d_out
+
+
+def all_kernel_names(max_dim: int = 4096) -> list[str]:
+    """Every instantiation a launch with D <= max_dim can use, for compile checks.
+
+    Covers all three formats, both id dtypes, both axes and every word width an
+    address alignment can force (from one element up to MAX_WORD_BYTES).
+    """
+    names = set()
+    for dtype, fmt in ((np.dtype(np.float32), 0), (np.dtype(np.float16), 1), (BFLOAT16, 2)):
+        item = dtype.itemsize
+        for dim in range(1, max_dim + 1):
+            word = item
+            while word <= MAX_WORD_BYTES and (dim * item) % word == 0:
+                for axis in (Axis.SEQUENCE, Axis.EMBEDDING):
+                    config = launch.gpu_launch(axis, 1, 1, dim, item, word)
+                    for id_dtype in ID_TYPE_NAMES:
+                        names.add(kernel_name(axis, fmt, word, config.lanes, config.words_per_lane, id_dtype))
+                word *= 2
+    return sorted(names)
