@@ -1,0 +1,185 @@
+"""The GPU backends against the float64 reference: under the CUDA simulator in CI, on a GPU where there is one.
+
+Without a GPU, conftest sets NUMBA_ENABLE_CUDASIM=1 and the Numba CUDA kernels
+run on the CPU (one OS thread per CUDA thread): shapes stay tiny. The same tests
+run on a real device when there is one; tests that need one skip with the reason.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fused_embedding as fe
+from fused_embedding import backends, launch
+from fused_embedding.reference import embedding_mean_reference
+from fused_embedding.semantics import BFLOAT16, Axis, output_shape
+from fused_embedding.validation import POISON, assert_close, poisoned, random_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE_DTYPES = [np.float32, np.float16, BFLOAT16]
+ID_DTYPES = [np.int32, np.int64]
+# (V, D, B, L): D = 1, odd, narrow (a sub-warp per bag), wide with a ragged last
+# word; B = 1 and L = 1 among them; L > 32 crosses the ids' shared-memory stage.
+SHAPES = [(50, 1, 2, 5), (50, 3, 1, 9), (40, 16, 3, 4), (20, 33, 2, 1), (30, 8, 2, 37), (300, 129, 1, 3)]
+
+
+def skip_reason(name):
+    reason = backends.unavailable_reason(name)
+    return f"backend {name!r} unavailable: {reason}" if reason else None
+
+
+def simulated():
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+requires_numba_cuda = pytest.mark.skipif(skip_reason("numba-cuda") is not None,
+                                         reason=str(skip_reason("numba-cuda")))
+
+
+def gpu_backend_params():
+    return [pytest.param(name, id=name, marks=pytest.mark.skipif(skip_reason(name) is not None,
+                                                                 reason=str(skip_reason(name))))
+            for name in ("numba-cuda", "cupy")]
+
+
+def run_backend(name, table, ids, axis, mask_zero):
+    """The backend's launcher on host inputs and a poisoned host output (copied to the device first)."""
+    out = poisoned(output_shape(Axis(axis), ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
+    result = backends.get(name).embedding_mean(table, ids, Axis(axis), mask_zero, out=out)
+    assert result is out
+    return out
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("table_dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "V%d-D%d-B%d-L%d" % s)
+@pytest.mark.parametrize("axis", [1, 2])
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_matches_reference(rng, backend, table_dtype, id_dtype, shape, axis, mask_zero):
+    table, ids = random_inputs(rng, *shape, table_dtype, id_dtype, padding_fraction=0.3 if mask_zero else 0.0)
+    if mask_zero:
+        ids[0, 0] = 0  # at least one padding position
+        table[0, :] = np.nan  # the padding row is never read
+    expected = embedding_mean_reference(table, ids, axis, mask_zero)
+    out = run_backend(backend, table, ids, axis, mask_zero)
+    assert not (out == POISON).any(), "the kernel left output elements unwritten"
+    assert out.dtype == np.dtype(table_dtype)
+    assert_close(out, expected, table_dtype)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_public_op_with_a_forced_gpu_backend_returns_numpy(rng, backend):
+    table, ids = random_inputs(rng, 30, 8, 3, 4, np.float16, np.int64)
+    result = fe.embedding_mean(table, ids, axis=1, backend=backend)
+    assert isinstance(result, np.ndarray) and result.dtype == np.float16 and result.shape == (3, 8)
+    assert_close(result, embedding_mean_reference(table, ids, 1), np.float16)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_empty_bags_are_zero(rng, backend):
+    table, _ = random_inputs(rng, 20, 8, 1, 1)
+    table[0, :] = np.inf  # padding: never read
+    ids = np.zeros((3, 4), np.int32)
+    np.testing.assert_array_equal(run_backend(backend, table, ids, 1, True), np.zeros((3, 8), np.float32))
+    np.testing.assert_array_equal(run_backend(backend, table, ids, 2, True), np.zeros((3, 4), np.float32))
+    no_positions = np.zeros((3, 0), np.int64)  # L = 0
+    np.testing.assert_array_equal(run_backend(backend, table, no_positions, 1, False),
+                                  np.zeros((3, 8), np.float32))
+    assert run_backend(backend, table, no_positions, 2, False).shape == (3, 0)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("axis, shape", [(1, (0, 8)), (2, (0, 5))])
+def test_empty_batch_launches_nothing(rng, backend, axis, shape):
+    table, _ = random_inputs(rng, 20, 8, 1, 1, BFLOAT16)
+    out = fe.embedding_mean(table, np.zeros((0, 5), np.int32), axis=axis, backend=backend)
+    assert out.shape == shape and out.dtype == BFLOAT16
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+@pytest.mark.parametrize("bad_id", [-1, 50, 2**40])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_out_of_range_id_names_id_position_and_vocab(rng, backend, bad_id, axis):
+    table, ids = random_inputs(rng, 50, 4, 6, 7, id_dtype=np.int64)
+    ids[5, 0] = bad_id
+    ids[4, 5] = bad_id  # the first in row order is reported, whatever order the GPU met them in
+    with pytest.raises(IndexError, match=rf"id {bad_id} at ids\[4, 5\] is out of range for a table of 50 rows "
+                                         rf"\(expected 0 <= id < 50\)"):
+        fe.embedding_mean(table, ids, axis=axis, backend=backend)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_bad_id_is_reported_under_mask_zero_and_int32(rng, backend):
+    table, ids = random_inputs(rng, 9, 3, 2, 3, id_dtype=np.int32)
+    ids[1, 2] = -7
+    with pytest.raises(IndexError, match=r"id -7 at ids\[1, 2\] .* table of 9 rows"):
+        fe.embedding_mean(table, ids, mask_zero=True, backend=backend)
+
+
+# --- device arrays (a real GPU only) ------------------------------------------------------
+def device_skip_reason():
+    if skip_reason("numba-cuda"):
+        return skip_reason("numba-cuda")
+    if simulated():
+        return "the CUDA simulator's arrays have no __cuda_array_interface__: device inputs need a real GPU"
+    return None
+
+
+@pytest.mark.skipif(device_skip_reason() is not None, reason=str(device_skip_reason()))
+@pytest.mark.parametrize("axis", [1, 2])
+def test_device_table_gives_a_device_result(rng, axis):
+    from numba import cuda
+    table, ids = random_inputs(rng, 1000, 64, 33, 17, np.float32, np.int64)
+    on_device = fe.embedding_mean(cuda.to_device(table), cuda.to_device(ids), axis=axis)
+    assert hasattr(on_device, "__cuda_array_interface__")
+    host_ids = fe.embedding_mean(cuda.to_device(table), ids, axis=axis)  # ids copied, not the table
+    expected = embedding_mean_reference(table, ids, axis)
+    assert_close(on_device.copy_to_host(), expected, np.float32)
+    assert_close(host_ids.copy_to_host(), expected, np.float32)
+
+
+# --- launch shapes ----------------------------------------------------------------------
+@pytest.mark.parametrize("dim, item, address, widest, expected", [
+    (128, 4, 0, 16, 16), (128, 4, 8, 16, 8), (128, 4, 4, 16, 4), (3, 4, 0, 16, 4),
+    (6, 2, 0, 16, 4), (129, 2, 0, 16, 2), (16, 2, 256, 8, 8)])
+def test_word_is_the_widest_load_rows_and_address_allow(dim, item, address, widest, expected):
+    assert launch.gpu_word_bytes(dim, item, address, widest) == expected
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+@pytest.mark.parametrize("dim", [1, 3, 16, 100, 128, 129, 512, 1000, 4096])
+@pytest.mark.parametrize("item, widest", [(4, 8), (4, 16), (2, 8), (2, 16)])
+def test_launch_covers_every_word_of_every_row(axis, dim, item, widest):
+    word = launch.gpu_word_bytes(dim, item, 0, widest)
+    config = launch.gpu_launch(axis, 1000, 7, dim, item, word)
+    assert config.words_per_row * config.elements_per_word == dim
+    assert config.lanes in (1, 2, 4, 8, 16, 32) and config.block % 32 == 0
+    if axis == 1:
+        assert config.words_per_lane <= launch.GPU_MAX_WORDS_PER_LANE
+        assert config.grid[0] * config.groups_per_block >= 1000
+        assert config.grid[1] * config.lanes * config.words_per_lane >= config.words_per_row
+    else:
+        assert config.grid[0] * config.groups_per_block >= 1000 * 7
+
+
+def test_launch_past_the_grid_limit_says_so():
+    with pytest.raises(ValueError, match="past CUDA's limits"):
+        launch.gpu_launch(2, 2**31, 256, 128, 4, 16)
+
+
+# --- the GPU check script -----------------------------------------------------------------
+@requires_numba_cuda
+def test_gpu_check_script_passes_in_simulate_mode(tmp_path):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", OUT=str(tmp_path))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--simulate"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "PASS" in output and "FAIL" not in output
+    assert "timings skipped" in output
+    assert (tmp_path / "gpu_check.json").exists() and (tmp_path / "gpu_check.md").exists()
