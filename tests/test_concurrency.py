@@ -1,0 +1,145 @@
+"""Many Python threads calling the op at once: every result correct, no crash, no deadlock.
+
+Numba's threading layers differ here: "omp" and "tbb" take concurrent parallel
+launches; "workqueue" (Numba's fallback when neither loads) aborts the process
+on them, so the cpu backend serialises its launches under workqueue. The
+workqueue case runs in a subprocess, where an abort fails the test instead of
+killing the session.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fused_embedding as fe
+from fused_embedding.reference import embedding_mean_reference
+from fused_embedding.semantics import BFLOAT16
+from fused_embedding.validation import compare, random_inputs, tolerance
+
+THREADS = 8
+CALLS_PER_THREAD = 200
+# A thread that has not finished by then has hung (all calls take well under a second).
+JOIN_TIMEOUT_S = 300
+
+# One configuration per thread: every dtype pairing, both axes, with and without a
+# mask, so concurrent launches run different compiled kernels as well as the same one.
+THREAD_CASES = [
+    (np.float32, np.int32, 1, False), (np.float32, np.int64, 2, True),
+    (np.float16, np.int64, 1, True), (np.float16, np.int32, 2, False),
+    (BFLOAT16, np.int32, 1, False), (BFLOAT16, np.int64, 2, True),
+    (np.float32, np.int64, 1, True), (np.float32, np.int32, 1, False),
+]
+
+
+def thread_inputs(rng):
+    """Per thread: (table, ids, axis, mask_zero, float64 expected); shapes differ between threads."""
+    cases = []
+    for i, (table_dtype, id_dtype, axis, mask_zero) in enumerate(THREAD_CASES):
+        table, ids = random_inputs(rng, 500 + 37 * i, 16 + 5 * i, 32 + i, 20 + 3 * i, table_dtype, id_dtype,
+                                   padding_fraction=0.2 if mask_zero else 0.0)
+        cases.append((table, ids, axis, mask_zero, embedding_mean_reference(table, ids, axis, mask_zero)))
+    return cases
+
+
+def run_threads(call, cases, calls_per_thread=CALLS_PER_THREAD):
+    """Run ``call(table, ids, axis, mask_zero)`` calls_per_thread times in each of len(cases) threads.
+
+    Returns the list of failures (thread, call, report or exception).
+    """
+    failures = []
+    start = threading.Barrier(len(cases))
+
+    def work(index):
+        table, ids, axis, mask_zero, expected = cases[index]
+        start.wait()  # all threads launch together
+        for n in range(calls_per_thread):
+            try:
+                report = compare(np.asarray(call(table, ids, axis, mask_zero)), expected,
+                                 **tolerance(table.dtype))
+            except Exception as exc:  # noqa: BLE001 (collected and reported below)
+                report = f"{type(exc).__name__}: {exc}"
+            if report:
+                failures.append((index, n, report))
+                return
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT_S)
+    hung = [i for i, thread in enumerate(threads) if thread.is_alive()]
+    assert not hung, f"threads {hung} still running after {JOIN_TIMEOUT_S} s"
+    return failures
+
+
+def test_core_op_from_8_threads(rng):
+    cases = thread_inputs(rng)
+    failures = run_threads(
+        lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
+                                                              backend="cpu"), cases)
+    assert not failures, failures[:3]
+
+
+def test_core_op_from_8_threads_shared_inputs(rng):
+    """All threads on the same table and ids (the usual serving case)."""
+    case = thread_inputs(rng)[0]
+    failures = run_threads(
+        lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
+                                                              backend="cpu"), [case] * THREADS)
+    assert not failures, failures[:3]
+
+
+WORKQUEUE_SCRIPT = textwrap.dedent("""
+    import numba, numpy as np
+    import fused_embedding as fe
+    import test_concurrency as tc
+    cases = tc.thread_inputs(np.random.default_rng({seed}))
+    failures = tc.run_threads(lambda t, i, a, m: fe.embedding_mean(t, i, axis=a, mask_zero=m, backend="cpu"),
+                              cases, calls_per_thread={calls})
+    print("threading layer:", numba.threading_layer())
+    assert not failures, failures[:3]
+""")
+
+
+def test_core_op_from_8_threads_under_numba_workqueue(rng):
+    """Numba's workqueue layer aborts on concurrent launches: the cpu backend must serialise them."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    script = WORKQUEUE_SCRIPT.format(seed=int(rng.integers(2**32)), calls=50)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=os.path.dirname(__file__),
+                            capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+    assert result.returncode == 0, (f"exit status {result.returncode}\n"
+                                    f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    assert "threading layer: workqueue" in result.stdout
+
+
+def test_tf_op_from_8_threads(rng):
+    """The TF op, eagerly in four threads and through one shared tf.function in four."""
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
+    try:
+        import fused_embedding.tf as fused_tf
+    except ImportError as exc:
+        pytest.skip(f"fused_embedding.tf is not importable: {exc}")
+    cases = thread_inputs(rng)
+    tensors = [(tf.constant(table), tf.constant(ids)) for table, ids, *_ in cases]
+    functions = {}
+    for table, ids, axis, mask_zero, _ in cases:
+        key = (axis, mask_zero)
+        if key not in functions:
+            functions[key] = tf.function(
+                lambda t, i, axis=axis, mask_zero=mask_zero: fused_tf.embedding_mean(
+                    t, i, axis=axis, mask_zero=mask_zero, backend="cpu"))
+    by_identity = {id(cases[i][0]): (i, tensors[i]) for i in range(len(cases))}
+
+    def call(table, ids, axis, mask_zero):
+        index, (table_tensor, ids_tensor) = by_identity[id(table)]
+        if index % 2:
+            return functions[(axis, mask_zero)](table_tensor, ids_tensor).numpy()
+        return fused_tf.embedding_mean(table_tensor, ids_tensor, axis=axis, mask_zero=mask_zero,
+                                       backend="cpu").numpy()
+
+    failures = run_threads(call, cases)
+    assert not failures, failures[:3]
