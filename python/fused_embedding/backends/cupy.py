@@ -85,17 +85,35 @@ def _element_dtype(dtype) -> np.dtype:
     return np.dtype(np.uint16) if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype)
 
 
-def embedding_mean(table, ids, axis, mask_zero, out=None):
-    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+class PreparedCall:
+    """One call with its device buffers in place: ``launch()`` enqueues the kernel (no sync),
+    ``finish()`` reads the error flag, raises for a bad id, and returns the result.
 
-    A CuPy array on the table's device when the table is on a GPU (bfloat16 results
-    as uint16 bits: CuPy has no bfloat16), NumPy when it is on the host. ``out``:
-    an optional output (host or device) of the table's dtype, written in place.
+    Split so the GPU check can time the kernel alone; ``embedding_mean`` does both.
+    """
+
+    def __init__(self, kernel, config, args, finish):
+        self.kernel, self.config, self.args, self._finish = kernel, config, args, finish
+
+    def launch(self):
+        if self.kernel is not None:
+            self.kernel(self.config.grid, (self.config.block,), self.args)
+
+    def finish(self):
+        return self._finish()
+
+
+def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
+    """Device views/copies of the inputs and output, the compiled kernel and its launch shape.
+
+    table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 (host or device);
+    out: None, or a host/device array of the output's shape and the table's dtype.
     """
     import cupy
 
     from ..api import device_of
     table_on_device = device_of(table) == "cuda"
+    ids_on_device = device_of(ids) == "cuda"
     batch, length = ids.shape
     vocab, dim = table.shape
     dtype = np.dtype(table.dtype)
@@ -103,9 +121,9 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     fmt = table_format(dtype)
     shape = output_shape(axis, batch, length, dim)
     if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
-        if out is not None:
-            return out
-        return cupy.empty(shape, elements) if table_on_device else np.empty(shape, dtype)
+        if out is None:
+            out = cupy.empty(shape, elements) if table_on_device else np.empty(shape, dtype)
+        return PreparedCall(None, None, (), lambda: out)
 
     if table_on_device:
         d_table = _as_cupy(table)
@@ -117,8 +135,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     else:
         d_table = cupy.asarray(np.ascontiguousarray(table).view(elements))
     word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, d_table.data.ptr, MAX_WORD_BYTES)
-    d_ids = cupy.ascontiguousarray(_as_cupy(ids)) if device_of(ids) == "cuda" \
-        else cupy.asarray(np.ascontiguousarray(ids))
+    d_ids = cupy.ascontiguousarray(_as_cupy(ids)) if ids_on_device else cupy.asarray(np.ascontiguousarray(ids))
     host_out = None
     if out is None:
         d_out = cupy.empty(shape, elements)
@@ -136,19 +153,33 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
     name = kernel_name(axis, fmt, word_bytes, config.lanes, config.words_per_lane, d_ids.dtype)
     kernel = _kernel(cupy.cuda.Device().id, fmt, d_ids.dtype.str, name)
-    kernel(config.grid, (config.block,),
-           (d_table, d_ids, np.int64(batch), np.int64(length), np.int64(vocab),
-            np.int64(config.words_per_row), np.int32(bool(mask_zero)), d_out, bad_position))
+    args = (d_table, d_ids, np.int64(batch), np.int64(length), np.int64(vocab),
+            np.int64(config.words_per_row), np.int32(bool(mask_zero)), d_out, bad_position)
 
-    first_bad = int(bad_position.get()[0])  # the one value read back; waits for the kernel
-    if first_bad < batch * length:
-        row, col = divmod(first_bad, length)
-        bad_id = int(d_ids[row, col].get()) if device_of(ids) == "cuda" else int(ids[row, col])
-        raise out_of_range_error(bad_id, row, col, vocab)
-    if host_out is not None:
-        d_out.get(out=host_out.view(elements))
-        return host_out
-    return out if out is not None else d_out
+    def finish():
+        first_bad = int(bad_position.get()[0])  # the one value read back; waits for the kernel
+        if first_bad < batch * length:
+            row, col = divmod(first_bad, length)
+            bad_id = int(d_ids[row, col].get()) if ids_on_device else int(ids[row, col])
+            raise out_of_range_error(bad_id, row, col, vocab)
+        if host_out is not None:
+            d_out.get(out=host_out.view(elements))
+            return host_out
+        return out if out is not None else d_out
+
+    return PreparedCall(kernel, config, args, finish)
+
+
+def embedding_mean(table, ids, axis, mask_zero, out=None):
+    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+
+    A CuPy array on the table's device when the table is on a GPU (bfloat16 results
+    as uint16 bits: CuPy has no bfloat16), NumPy when it is on the host. ``out``:
+    an optional output (host or device) of the table's dtype, written in place.
+    """
+    call = prepare(table, ids, axis, mask_zero, out)
+    call.launch()
+    return call.finish()
 
 
 def all_kernel_names(max_dim: int = 4096) -> list[str]:

@@ -88,16 +88,35 @@ def word_dtype(fmt: int, word_bytes: int, item_bytes: int) -> np.dtype:
     return np.dtype({2: np.uint16, 4: np.uint32, 8: np.uint64}[word_bytes])
 
 
-def embedding_mean(table, ids, axis, mask_zero, out=None):
-    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+class PreparedCall:
+    """One call with its device buffers in place: ``launch()`` enqueues the kernel (no sync),
+    ``finish()`` reads the error flag, raises for a bad id, and returns the result.
 
-    On the device when the table is; NumPy when it is on the host. ``out``: an
-    optional output (host or device) of the table's dtype, written in place.
+    Split so the GPU check can time the kernel alone; ``embedding_mean`` does both.
+    """
+
+    def __init__(self, kernel, config, args, finish):
+        self.kernel, self.config, self.args, self._finish = kernel, config, args, finish
+
+    def launch(self):
+        if self.kernel is not None:
+            self.kernel[self.config.grid, self.config.block](*self.args)
+
+    def finish(self):
+        return self._finish()
+
+
+def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
+    """Device views/copies of the inputs and output, the kernel and its launch shape.
+
+    table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 (host or device);
+    out: None, or a host/device array of the output's shape and the table's dtype.
     """
     from numba import cuda
 
     from ..kernels import cuda as kernels
     table_on_device = _on_device(table)
+    ids_on_device = _on_device(ids)
     batch, length = ids.shape
     vocab, dim = table.shape
     dtype = np.dtype(table.dtype)
@@ -105,10 +124,10 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     shape = output_shape(axis, batch, length, dim)
     elements = element_dtype(dtype)
     if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
-        if out is not None:
-            return out
-        return np.empty(shape, dtype) if not table_on_device else \
-            _device_result(cuda.device_array(shape, elements), dtype, table)
+        if out is None:
+            out = np.empty(shape, dtype) if not table_on_device else \
+                _device_result(cuda.device_array(shape, elements), dtype, table)
+        return PreparedCall(None, None, (), lambda: out)
 
     # Table -> words: a view of the same bytes, loaded word_bytes at a time.
     if table_on_device:
@@ -128,7 +147,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     else:
         d_words = cuda.to_device(host_table.view(word))
 
-    d_ids = device_view(ids) if _on_device(ids) else cuda.to_device(np.ascontiguousarray(ids))
+    d_ids = device_view(ids) if ids_on_device else cuda.to_device(np.ascontiguousarray(ids))
     if out is None:
         d_out = cuda.device_array(shape, elements)
         host_out = None if table_on_device else np.empty(shape, dtype)
@@ -147,17 +166,30 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
         kernel = kernels.make_gather_mean_sequence(fmt, word.str, config.lanes, config.words_per_lane)
     else:
         kernel = kernels.make_gather_mean_embedding(fmt, word.str, config.lanes)
-    kernel[config.grid, config.block](d_words, d_ids, bool(mask_zero), d_out, bad_position)
 
-    first_bad = int(bad_position.copy_to_host()[0])  # the one value read back; waits for the kernel
-    if first_bad < batch * length:
-        row, col = divmod(first_bad, length)
-        bad_id = d_ids[row:row + 1, col:col + 1].copy_to_host()[0, 0] if _on_device(ids) else ids[row, col]
-        raise out_of_range_error(int(bad_id), row, col, vocab)
-    if host_out is not None:
-        d_out.copy_to_host(host_out.view(elements))
-        return host_out
-    return out if out is not None else _device_result(d_out, dtype, table)
+    def finish():
+        first_bad = int(bad_position.copy_to_host()[0])  # the one value read back; waits for the kernel
+        if first_bad < batch * length:
+            row, col = divmod(first_bad, length)
+            bad_id = d_ids[row:row + 1, col:col + 1].copy_to_host()[0, 0] if ids_on_device else ids[row, col]
+            raise out_of_range_error(int(bad_id), row, col, vocab)
+        if host_out is not None:
+            d_out.copy_to_host(host_out.view(elements))
+            return host_out
+        return out if out is not None else _device_result(d_out, dtype, table)
+
+    return PreparedCall(kernel, config, (d_words, d_ids, bool(mask_zero), d_out, bad_position), finish)
+
+
+def embedding_mean(table, ids, axis, mask_zero, out=None):
+    """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
+
+    On the device when the table is; NumPy when it is on the host. ``out``: an
+    optional output (host or device) of the table's dtype, written in place.
+    """
+    call = prepare(table, ids, axis, mask_zero, out)
+    call.launch()
+    return call.finish()
 
 
 def _device_result(d_out, dtype, table):
