@@ -16,16 +16,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .cpu_rows import sum_vector_columns
 from .cpu_scalars import elements_per_cache_line, prefetch, store, widen
 
 # Rows fetched ahead of the ones being summed: far enough to cover DRAM latency,
 # near enough that the lines are still in L1/L2 when used (measured: 8-32 rows
 # all within noise of each other, none prefetch 1.4x slower; benchmarks/NOTES.md).
 PREFETCH_ROWS = 16
-# Rows summed per step: four independent row loads per accumulator update
-# give the out-of-order core more misses in flight and a quarter of the
-# accumulator traffic (measured 1.4x over one row per step; NOTES.md).
-ROWS_PER_STEP = 4
+CACHE_LINE_BYTES = 64
 
 
 @njit(inline="always")
@@ -61,11 +59,15 @@ def _collect_rows(ids, b, vocab, mask_zero, rows, bad_position):
 def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_position):
     """out[b, :] = mean of table[ids[b, l], :] over the counted positions l.  [B][D]
 
-    ids must be C-contiguous (the prefetcher walks them flat).
+    Columns go in passes of 128 and then 16 with the accumulators in vector
+    registers (kernels/cpu_rows.py); the first pass prefetches the rows
+    PREFETCH_ROWS ahead. The last D % 16 columns, or all of a table that is not
+    C-contiguous, take a scalar pass. ids must be C-contiguous.
     """
     batch, length = ids.shape
     vocab, dim = table.shape
     flat_ids = ids.reshape(-1)
+    row_lines = (dim * table.itemsize + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
     for chunk in prange(n_chunks):
         acc = np.empty(dim, dtype=np.float32)   # [D], one per chunk
@@ -76,22 +78,16 @@ def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_po
         _prefetch_rows(table, flat_ids, first * length, min(end, first * length + PREFETCH_ROWS))
         for b in range(first, last):
             count = _collect_rows(ids, b, vocab, mask_zero, rows, bad_position)
-            acc[:] = 0.0
             ahead = b * length + PREFETCH_ROWS
-            k = 0
-            while k + ROWS_PER_STEP <= count:
-                _prefetch_rows(table, flat_ids, ahead + k, min(end, ahead + k + ROWS_PER_STEP))
-                r0, r1, r2, r3 = rows[k], rows[k + 1], rows[k + 2], rows[k + 3]
-                for d in range(dim):
-                    acc[d] += ((widen(table[r0, d], fmt) + widen(table[r1, d], fmt))
-                               + (widen(table[r2, d], fmt) + widen(table[r3, d], fmt)))
-                k += ROWS_PER_STEP
-            while k < count:
-                _prefetch_rows(table, flat_ids, ahead + k, min(end, ahead + k + 1))
-                r0 = rows[k]
-                for d in range(dim):
-                    acc[d] += widen(table[r0, d], fmt)
-                k += 1
+            col = sum_vector_columns(table, rows, count, fmt, flat_ids, ahead, end, row_lines, acc)
+            if col < dim:
+                acc[col:] = 0.0
+                for k in range(count):
+                    if col == 0:
+                        _prefetch_rows(table, flat_ids, min(end, ahead + k), min(end, ahead + k + 1))
+                    r = rows[k]
+                    for d in range(col, dim):
+                        acc[d] += widen(table[r, d], fmt)
             for d in range(dim):
                 store(out, b, d, acc[d] / np.float32(count) if count else np.float32(0.0), fmt)
 

@@ -1,0 +1,174 @@
+"""Summing gathered rows with the accumulators in vector registers, as LLVM IR.
+
+Numba has no vector type, so a loop over a bag's rows that adds into an array
+keeps the accumulator in memory: a load and a store per 16 floats per row,
+which also shrinks how many rows the out-of-order core can have in flight.
+These intrinsics emit the loop themselves: ``n_vectors`` <16 x float> phi
+registers, one 16-wide load (and widening, for 16-bit tables) per vector per
+row, every cache line of the row ``PREFETCH_ROWS`` ahead prefetched in the same
+iteration, and one store of the sums when the bag ends. Measured against the
+array-accumulator loop in benchmarks/NOTES.md.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+LANES = 16  # floats per vector: one cache line of float32, one zmm register
+FORMAT_BFLOAT16 = 2  # same codes as fused_embedding.semantics.TABLE_FORMATS
+
+
+def _widen(builder, raw, elem_type, fmt):
+    """<16 x float> from a loaded <16 x elem>: float32 as is; 16-bit bits by format."""
+    vec_f32 = ir.VectorType(ir.FloatType(), LANES)
+    if isinstance(elem_type, ir.FloatType):
+        return raw
+    as_half = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES)), vec_f32)
+    wide = builder.zext(raw, ir.VectorType(ir.IntType(32), LANES))
+    shifted = builder.shl(wide, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [16] * LANES))
+    as_bf16 = builder.bitcast(shifted, vec_f32)
+    is_bf16 = builder.icmp_signed("==", fmt, ir.Constant(fmt.type, FORMAT_BFLOAT16))
+    return builder.select(is_bf16, as_bf16, as_half)
+
+
+def _make_sum_rows(n_vectors: int):
+    @intrinsic
+    def sum_rows(typingctx, table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
+                 prefetch_lines, acc):
+        """acc[col:col + 16*n] = sum over k < count of table[rows[k], col:col + 16*n] (float32).
+
+        While summing row k, prefetches prefetch_lines cache lines of the row
+        ahead_ids[ahead_start + k] if ahead_start + k < ahead_stop.
+        """
+        if not (isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C"
+                and table.dtype in (types.float32, types.uint16)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (table_v, rows_v, count_v, col_v, fmt_v, ahead_v, start_v, stop_v, lines_v, acc_v) = args
+            (table_t, rows_t, count_t, col_t, fmt_t, ahead_t, start_t, stop_t, lines_t, acc_t) = sig.args
+            i64 = ir.IntType(64)
+            i8p = ir.IntType(8).as_pointer()
+
+            def as_i64(value, ty):
+                return context.cast(builder, value, ty, types.int64)
+
+            table_a = context.make_array(table_t)(context, builder, table_v)
+            rows_a = context.make_array(rows_t)(context, builder, rows_v)
+            ahead_a = context.make_array(ahead_t)(context, builder, ahead_v)
+            acc_a = context.make_array(acc_t)(context, builder, acc_v)
+            row_stride = builder.extract_value(table_a.strides, 0)
+            elem_type = context.get_data_type(table_t.dtype)
+            item = elem_type.width // 8 if isinstance(elem_type, ir.IntType) else 4
+            vec_raw = ir.VectorType(elem_type, LANES)
+            vec_f32 = ir.VectorType(ir.FloatType(), LANES)
+            count_i = as_i64(count_v, count_t)
+            col_bytes = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, item))
+            start_i, stop_i = as_i64(start_v, start_t), as_i64(stop_v, stop_t)
+            lines_i = as_i64(lines_v, lines_t)
+            fmt_i = as_i64(fmt_v, fmt_t)
+            base = builder.bitcast(table_a.data, i8p)
+            pf_fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32)] + [ir.IntType(32)] * 2),
+                "llvm.prefetch.p0")
+
+            entry = builder.basic_block
+            loop = builder.append_basic_block("rows.loop")
+            body = builder.append_basic_block("rows.body")
+            prefetch_bb = builder.append_basic_block("rows.prefetch")
+            prefetch_loop = builder.append_basic_block("rows.prefetch.loop")
+            after_prefetch = builder.append_basic_block("rows.after_prefetch")
+            done = builder.append_basic_block("rows.done")
+            builder.branch(loop)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64, "k")
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            accs = []
+            for _ in range(n_vectors):
+                phi = builder.phi(vec_f32)
+                phi.add_incoming(ir.Constant(vec_f32, None), entry)
+                accs.append(phi)
+            builder.cbranch(builder.icmp_signed("<", k, count_i), body, done)
+
+            builder.position_at_end(body)
+            row = builder.load(builder.gep(rows_a.data, [k]))
+            row_ptr = builder.gep(base, [builder.add(builder.mul(as_i64(row, rows_t.dtype), row_stride),
+                                                     col_bytes)])
+            new_accs = []
+            for v in range(n_vectors):
+                ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES * item)]),
+                                      vec_raw.as_pointer())
+                raw = builder.load(ptr, align=item)
+                new_accs.append(builder.fadd(accs[v], _widen(builder, raw, elem_type, fmt_i)))
+            ahead_pos = builder.add(start_i, k)
+            builder.cbranch(builder.icmp_signed("<", ahead_pos, stop_i), prefetch_bb, after_prefetch)
+
+            builder.position_at_end(prefetch_bb)
+            ahead_row = as_i64(builder.load(builder.gep(ahead_a.data, [ahead_pos])), ahead_t.dtype)
+            ahead_ptr = builder.gep(base, [builder.mul(ahead_row, row_stride)])
+            builder.branch(prefetch_loop)
+
+            builder.position_at_end(prefetch_loop)
+            line = builder.phi(i64, "line")
+            line.add_incoming(ir.Constant(i64, 0), prefetch_bb)
+            next_line = builder.add(line, ir.Constant(i64, 1))
+            with builder.if_then(builder.icmp_signed("<", line, lines_i)):
+                i32 = ir.IntType(32)
+                builder.call(pf_fn, [builder.gep(ahead_ptr, [builder.mul(line, ir.Constant(i64, 64))]),
+                                     ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            line.add_incoming(next_line, builder.basic_block)
+            builder.cbranch(builder.icmp_signed("<", next_line, lines_i), prefetch_loop, after_prefetch)
+
+            builder.position_at_end(after_prefetch)
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(k_next, after_prefetch)
+            for phi, value in zip(accs, new_accs):
+                phi.add_incoming(value, after_prefetch)
+            builder.branch(loop)
+
+            builder.position_at_end(done)
+            acc_base = builder.bitcast(acc_a.data, i8p)
+            acc_col = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, 4))
+            for v in range(n_vectors):
+                ptr = builder.gep(acc_base, [builder.add(acc_col, ir.Constant(i64, v * LANES * 4))])
+                builder.store(accs[v], builder.bitcast(ptr, vec_f32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(*[table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
+                            prefetch_lines, acc]), codegen
+    return sum_rows
+
+
+sum_rows_x8 = _make_sum_rows(8)  # 128 columns per pass
+sum_rows_x1 = _make_sum_rows(1)  # 16 columns per pass
+
+
+def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+    """Sum the bag's rows into acc for the leading columns that fill whole vectors.
+
+    Returns the first column left for a scalar pass (D % 16 columns, or all of
+    them for a table that isn't C-contiguous). The first pass prefetches.
+    """
+
+
+@overload(sum_vector_columns, inline="always")
+def _sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+    if not (isinstance(table, types.Array) and table.layout == "C"):
+        return lambda table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc: 0
+
+    def impl(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+        dim = table.shape[1]
+        col = 0
+        while col + 8 * LANES <= dim:
+            sum_rows_x8(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
+                        row_lines if col == 0 else 0, acc)
+            col += 8 * LANES
+        while col + LANES <= dim:
+            sum_rows_x1(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
+                        row_lines if col == 0 else 0, acc)
+            col += LANES
+        return col
+    return impl
