@@ -191,3 +191,26 @@ def test_training_step_matches_keras_pair(rng):
     assert compare(model.get_layer("embedding").embeddings.numpy(), table_before, rtol=1e-3, atol=1e-4)
     for native_weight, fused_weight in zip(model.get_weights(), fused.get_weights()):
         assert_close(fused_weight, native_weight, np.float32, against="keras")
+
+
+def test_layer_reads_its_variable_in_place(monkeypatch, rng):
+    """predict() hands the core the variable's own buffer: no per-call copy (nor cast) of the table."""
+    import fused_embedding.api as api
+    layer = EmbeddingMean(VOCAB, DIM, dtype="mixed_float16")  # float32 table, float16 compute
+    ids = keras.Input((LENGTH,), dtype="int32")
+    model = keras.Model(ids, layer(ids))
+    seen = []
+    core = api.embedding_mean
+
+    def spy(table_array, ids_array, **kwargs):
+        seen.append((table_array.ctypes.data, table_array.dtype))
+        return core(table_array, ids_array, **kwargs)
+
+    monkeypatch.setattr(api, "embedding_mean", spy)
+    batch = padded_ids(rng, False)
+    out = model.predict(batch, verbose=0)
+    stored = np.asarray(tf.convert_to_tensor(layer.embeddings))  # a read aliases the buffer
+    assert seen == [(stored.ctypes.data, np.dtype(np.float32))]
+    assert out.dtype == np.float16
+    expected = embedding_mean_reference(layer.embeddings.numpy(), batch)
+    assert_close(out, expected.astype(np.float16), np.float16)

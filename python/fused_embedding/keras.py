@@ -23,6 +23,19 @@ def _check_backend():
                            f"on {keras.backend.backend()!r} (set KERAS_BACKEND=tensorflow)")
 
 
+def _read_in_place(variable):
+    """The table as stored: the backing tf.Variable, never a per-call cast copy.
+
+    Keras casts a mixed-precision layer's variables on every read (whatever the
+    layer's own ``autocast`` says), which for a table means copying all of it per
+    call; the backing tf.Variable (same handle, so gradients still reach it) is read
+    as it is instead, and only the small output is cast.
+    """
+    import tensorflow as tf
+    backing = getattr(variable, "_value", None)
+    return backing if isinstance(backing, tf.Variable) else variable.value
+
+
 @keras.saving.register_keras_serializable(package="fused_embedding")
 class EmbeddingMean(keras.layers.Layer):
     """``Embedding(input_dim, output_dim) -> GlobalAveragePooling1D(data_format)`` in one fused layer.
@@ -39,14 +52,13 @@ class EmbeddingMean(keras.layers.Layer):
     (tf.errors.InvalidArgumentError naming the id), negative ones included.
 
     The table is read where it lives: with a mixed-precision policy it is not cast
-    per call (the layer does not autocast); only the output is cast.
+    per call; only the output is cast to the compute dtype.
     """
 
     def __init__(self, input_dim, output_dim, data_format="channels_last", mask_zero=False,
                  embeddings_initializer="uniform", embeddings_regularizer=None,
                  embeddings_constraint=None, backend=None, **kwargs):
         _check_backend()
-        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -81,7 +93,7 @@ class EmbeddingMean(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        out = fused_tf.embedding_mean(self.embeddings.value, inputs, axis=self.axis,
+        out = fused_tf.embedding_mean(_read_in_place(self.embeddings), inputs, axis=self.axis,
                                       mask_zero=self.mask_zero, backend=self.backend)
         return keras.ops.cast(out, self.compute_dtype)
 

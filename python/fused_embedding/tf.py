@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import api
-from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
+from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
 TABLE_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 ID_DTYPES = (tf.int32, tf.int64)
@@ -146,20 +146,46 @@ def _run_core(table, ids, axis, mask_zero, backend):
         raise ValueError(str(exc)) from exc
 
 
+class _Bfloat16Bits:
+    """uint16 bits on the GPU labelled as a bfloat16 array (CuPy has no bfloat16).
+
+    ``dtype`` is what the core checks; the CUDA array interface is the bits',
+    which the GPU backends read as uint16 words anyway.
+    """
+
+    def __init__(self, bits):
+        self.bits = bits
+        self.shape, self.ndim, self.dtype = tuple(bits.shape), bits.ndim, BFLOAT16
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.bits.__cuda_array_interface__
+
+
 def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
-    """GPU tensors through DLPack both ways; ids may be a host tensor (TF keeps int32 there)."""
+    """GPU tensors through DLPack both ways; ids may be a host tensor (TF keeps int32 there).
+
+    Not exercised by the CPU test suite (it needs TensorFlow with a GPU and CuPy).
+    """
     import cupy
     dlpack = tf.experimental.dlpack
+    is_bfloat16 = table.dtype == tf.bfloat16
     # TF's streams are not exposed: wait for the work producing the inputs before
     # our kernels read them, and for our kernels before TF reads the output.
     tf.test.experimental.sync_devices()
-    table_device = cupy.from_dlpack(dlpack.to_dlpack(table))
+    # tf.bitcast aliases the buffer: bfloat16 crosses DLPack as its uint16 bits.
+    table_bits = cupy.from_dlpack(dlpack.to_dlpack(tf.bitcast(table, tf.uint16) if is_bfloat16 else table))
+    table_device = _Bfloat16Bits(table_bits) if is_bfloat16 else table_bits
     ids_array = cupy.from_dlpack(dlpack.to_dlpack(ids)) if _is_gpu_tensor(ids) else np.asarray(ids)
     out = api.embedding_mean(table_device, ids_array, axis=int(axis), mask_zero=mask_zero,
                              backend=backend)
-    out = cupy.ascontiguousarray(cupy.asarray(out))  # numba device arrays via the CUDA array interface
+    out = getattr(out, "bits", out)
+    out = cupy.ascontiguousarray(cupy.asarray(out))  # Numba device arrays via the CUDA array interface
+    if is_bfloat16:
+        out = out.view(cupy.uint16)
     cupy.cuda.runtime.deviceSynchronize()
-    return dlpack.from_dlpack(out.toDlpack())
+    result = dlpack.from_dlpack(out.toDlpack())
+    return tf.bitcast(result, tf.bfloat16) if is_bfloat16 else result
 
 
 def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
