@@ -15,6 +15,17 @@ from fused_embedding.semantics import BFLOAT16
 from fused_embedding.validation import assert_close, compare, random_inputs, tolerance
 
 HOST_BACKENDS = ["cpu", "numpy"]
+
+
+def backend_param(name):
+    reason = backends.unavailable_reason(name)
+    marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+# Host inputs on the GPU backend: copied to the device and back (under the CUDA
+# simulator in CI), so results and errors are checked there too.
+ALL_BACKENDS = [backend_param(name) for name in HOST_BACKENDS + ["numba-cuda"]]
 TABLE_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BFLOAT16]
 
 
@@ -99,7 +110,7 @@ def test_mask_zero_not_bool_raises(rng, mask_zero):
 
 # --- ids out of range ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)  # numba-cuda: tests/test_gpu_simulator.py
 @pytest.mark.parametrize("bad_id", [20, 21, 2**31 - 1, 2**31, 2**62], ids=str)
 @pytest.mark.parametrize("axis", [1, 2])
 @pytest.mark.parametrize("mask_zero", [False, True])
@@ -111,7 +122,7 @@ def test_id_at_or_past_vocab_raises(rng, backend, bad_id, axis, mask_zero):
         fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero, backend=backend)
 
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bad_id", [-1, -20, -(2**31)], ids=str)
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64], ids=by_name)
 @pytest.mark.parametrize("axis", [1, 2])
@@ -134,7 +145,7 @@ def test_empty_table(rng, backend):
 
 # --- NaN, inf and overflow in the table ---------------------------------------------------
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("table_dtype", TABLE_DTYPES, ids=by_name)
 @pytest.mark.parametrize("axis", [1, 2])
 @pytest.mark.parametrize("mask_zero", [False, True])
@@ -199,7 +210,7 @@ LAYOUTS = ["table columns sliced", "table transposed (Fortran order)", "table ro
                          + [("table columns sliced", np.float16), ("table transposed (Fortran order)", BFLOAT16)],
                          ids=lambda v: by_name(v) if not isinstance(v, str) else v)
 @pytest.mark.parametrize("axis", [1, 2])
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_strided_inputs_give_the_right_result(rng, layout, table_dtype, axis, backend):
     table, ids = strided_inputs(rng, layout, table_dtype)
     assert not (table.flags.c_contiguous and ids.flags.c_contiguous) or layout == "read-only"

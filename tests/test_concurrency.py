@@ -84,12 +84,21 @@ def test_core_op_from_8_threads(rng):
     assert not failures, failures[:3]
 
 
-def test_core_op_from_8_threads_shared_inputs(rng):
-    """All threads on the same table and ids (the usual serving case)."""
-    case = thread_inputs(rng)[0]
+@pytest.mark.parametrize("case_index, read_only", [(0, False), (1, True)],
+                         ids=["axis1-writable", "axis2-read-only"])
+def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only):
+    """All threads on the same table and ids (the usual serving case).
+
+    A read-only table on axis 2 is the one the backend may cache row means for:
+    eight threads then race to build and read that cache.
+    """
+    table, ids, axis, mask_zero, expected = thread_inputs(rng)[case_index]
+    if read_only:
+        table.setflags(write=False)
     failures = run_threads(
         lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
-                                                              backend="cpu"), [case] * THREADS)
+                                                              backend="cpu"),
+        [(table, ids, axis, mask_zero, expected)] * THREADS)
     assert not failures, failures[:3]
 
 
