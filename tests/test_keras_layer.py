@@ -86,18 +86,21 @@ def test_all_padding_bag_gives_zeros_where_keras_gives_nan(rng):
 
 
 def two_branch_model():
-    """Two id inputs, each Embedding -> GAP1D (one masked, one channels_first), plus an unfusable Embedding."""
+    """Two id inputs, each Embedding -> GAP1D (one masked, one channels_first), plus two unfusable Embeddings."""
     words = keras.Input((LENGTH,), dtype="int32", name="words")
     tags = keras.Input((LENGTH,), dtype="int64", name="tags")
     word_pool = keras.layers.GlobalAveragePooling1D()(
         keras.layers.Embedding(VOCAB, DIM, mask_zero=True, name="word_embedding")(words))
     tag_pool = keras.layers.GlobalAveragePooling1D(data_format="channels_first")(
         keras.layers.Embedding(VOCAB // 2, DIM, name="tag_embedding")(tags))
+    # A pooling that keeps its time axis gives (B, 1, D): not a pair, it stays.
+    kept = keras.layers.Flatten()(keras.layers.GlobalAveragePooling1D(keepdims=True)(
+        keras.layers.Embedding(VOCAB, 3, name="kept_embedding")(tags)))
     # This Embedding's output also feeds a Flatten: it is not a pair, it stays.
     shared = keras.layers.Embedding(VOCAB, 4, name="shared_embedding")(words)
     shared_pool = keras.layers.GlobalAveragePooling1D()(shared)
     shared_flat = keras.layers.Flatten()(shared)
-    merged = keras.layers.Concatenate()([word_pool, tag_pool, shared_pool, shared_flat])
+    merged = keras.layers.Concatenate()([word_pool, tag_pool, shared_pool, shared_flat, kept])
     hidden = keras.layers.Dense(8, activation="relu", name="hidden")(merged)
     return keras.Model({"words": words, "tags": tags}, keras.layers.Dense(2, name="classifier")(hidden))
 
@@ -106,8 +109,9 @@ def test_fuse_two_branch_model(rng):
     model = two_branch_model()
     fused = fuse(model)
     names = [type(layer).__name__ for layer in fused.layers]
-    assert names.count("EmbeddingMean") == 2 and names.count("Embedding") == 1
+    assert names.count("EmbeddingMean") == 2 and names.count("Embedding") == 2
     assert fused.get_layer("shared_embedding") is model.get_layer("shared_embedding")
+    assert fused.get_layer("kept_embedding") is model.get_layer("kept_embedding")
     assert fused.get_layer("hidden") is model.get_layer("hidden")
     inputs = {"words": padded_ids(rng, True),
               "tags": rng.integers(0, VOCAB // 2, (BATCH, LENGTH)).astype(np.int64)}

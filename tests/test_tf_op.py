@@ -102,6 +102,32 @@ def test_static_output_shape_in_graphs(axis, expected):
     assert graph_fn.get_concrete_function().structured_outputs.shape.as_list() == [None, None]
 
 
+class PoolWithOp(keras.layers.Layer):
+    """A layer calling the op with no compute_output_shape: Keras traces call() for the shape."""
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self.table = table
+
+    def call(self, ids):
+        return fused_tf.embedding_mean(self.table, ids)
+
+
+def test_op_in_keras_functional_and_sequential_models(rng):
+    """The static shape the op sets is what Keras infers, so the Dense after it builds."""
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    pool = PoolWithOp(table)
+    dense = keras.layers.Dense(2)
+    inputs = keras.Input((LENGTH,), dtype="int32")
+    functional = keras.Model(inputs, dense(pool(inputs)))
+    sequential = keras.Sequential([keras.Input((LENGTH,), dtype="int32"), pool, dense])
+    pooled = embedding_mean_reference(table, ids)
+    expected = pooled @ dense.kernel.numpy().astype(np.float64) + dense.bias.numpy()
+    for model in (functional, sequential):
+        assert model.output_shape == (None, 2)
+        assert_close(model.predict(ids, verbose=0), expected, np.float32)
+
+
 @pytest.mark.parametrize("table_dtype,id_dtype,error,words", [
     (tf.float32, tf.float32, TypeError, "ids must be int32 or int64, got float32"),
     (tf.float64, tf.int32, TypeError, "table must be float32, float16 or bfloat16, got float64"),

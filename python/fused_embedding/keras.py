@@ -137,6 +137,9 @@ class EmbeddingMean(keras.layers.Layer):
         if not isinstance(pooling, keras.layers.GlobalAveragePooling1D):
             raise TypeError(f"pooling must be a keras.layers.GlobalAveragePooling1D, "
                             f"got {type(pooling).__name__}")
+        if getattr(pooling, "keepdims", False):
+            raise ValueError(f"the pooling {pooling.name!r} has keepdims=True ((B, 1, D) out); "
+                             f"EmbeddingMean gives (B, D) / (B, L)")
         if not embedding.built:
             raise ValueError(f"the Embedding {embedding.name!r} is not built yet: call it on ids "
                              f"(or build it) first, so that it has weights to carry over")
@@ -184,6 +187,8 @@ def _fusible_pairs(model) -> dict:
         if len(consumers) != 1 or not isinstance(consumers[0].operation, keras.layers.GlobalAveragePooling1D):
             continue
         pooling = consumers[0].operation
+        if getattr(pooling, "keepdims", False):
+            continue  # (B, 1, D) out: not what EmbeddingMean gives
         if len(pooling._inbound_nodes) != 1 or id(layer.output) in model_outputs:
             continue  # shared pooling, or the embeddings are also a model output
         pairs[id(pooling)] = (layer, pooling)
@@ -255,7 +260,9 @@ def _fuse_layer_list(layers, backend):
     while i < len(layers):
         layer = layers[i]
         following = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, keras.layers.Embedding) and isinstance(following, keras.layers.GlobalAveragePooling1D):
+        if (isinstance(layer, keras.layers.Embedding)
+                and isinstance(following, keras.layers.GlobalAveragePooling1D)
+                and not getattr(following, "keepdims", False)):
             out.append(EmbeddingMean.from_layers(layer, following, backend=backend))
             i += 2
         else:
