@@ -10,9 +10,9 @@
 // Accumulation is float32; the output has the table's format.
 //
 // Axis 1 (gather_mean_sequence): a group of G lanes (G | 32) per bag, each lane owning K words
-// of the row (a column tile of G * K words per blockIdx.y). Each lane loads one id of the
-// next G and checks it; the group broadcasts them with __shfl_sync, so ids are read once per
-// bag, then issues the loads of four rows before summing any of them.
+// of the row (a column tile of G * K words per blockIdx.y). Each lane loads and checks one id
+// of the next G (several when G < 4); the group broadcasts them with __shfl_sync, so ids are
+// read once per bag, then issues the loads of four rows before summing any of them.
 // Axis 2 (gather_mean_embedding): a group of G lanes per (bag, position) sums the row in
 // strided words, four in flight, then reduces across the group with __shfl_xor_sync.
 //
@@ -120,20 +120,30 @@ __global__ void gather_mean_sequence(const void* __restrict__ table, const void*
         for (int e = 0; e < F::E; ++e) acc[k][e] = 0.f;
     int count = 0;
 
-    // Every lane of a warp runs the same trip counts (L is shared by all bags), so the
-    // shuffles below always see their whole group.
-    for (i64 start = 0; start < length; start += G) {
-        const int n = (int)min((i64)G, length - start);
-        i64 my_row = -1;
-        if (in_batch && lane < n) {
-            const i64 position = b * length + start + lane;
-            my_row = counted_row((i64)ids[position], vocab, mask_zero, position, bad_position);
+    // Ids per stage: one per lane, or ROWS_IN_FLIGHT (Q per lane) when the group is narrower,
+    // so a step always has four rows to load. Every lane of a warp runs the same trip counts
+    // (L is shared by all bags), so the shuffles below always see their whole group.
+    constexpr int STAGE = G > ROWS_IN_FLIGHT ? G : ROWS_IN_FLIGHT;
+    constexpr int Q = STAGE / G;
+    for (i64 start = 0; start < length; start += STAGE) {
+        const int n = (int)(length - start < STAGE ? length - start : STAGE);
+        i64 my_rows[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+            const int j = q * G + lane;
+            my_rows[q] = -1;
+            if (in_batch && j < n) {
+                const i64 position = b * length + start + j;
+                my_rows[q] = counted_row((i64)ids[position], vocab, mask_zero, position, bad_position);
+            }
         }
-        for (int j = 0; j < n; j += ROWS_IN_FLIGHT) {
+#pragma unroll
+        for (int j = 0; j < STAGE; j += ROWS_IN_FLIGHT) {
+            if (j >= n) break;  // the same for the whole warp
             i64 rows[ROWS_IN_FLIGHT];
 #pragma unroll
             for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
-                const i64 r = __shfl_sync(group_mask, my_row, (j + u) % G, G);
+                const i64 r = __shfl_sync(group_mask, my_rows[(j + u) / G], (j + u) % G, G);
                 rows[u] = (j + u < n) ? r : -1;
                 count += rows[u] >= 0;
             }

@@ -182,11 +182,11 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     return call.finish()
 
 
-def all_kernel_names(max_dim: int = 4096) -> list[str]:
-    """Every instantiation a launch with D <= max_dim can use, for compile checks.
+def all_kernel_names(max_dim: int = 4096, id_dtypes=tuple(ID_TYPE_NAMES)) -> list[str]:
+    """Every instantiation a launch with D <= max_dim and these id dtypes can use, for compile checks.
 
-    Covers all three formats, both id dtypes, both axes and every word width an
-    address alignment can force (from one element up to MAX_WORD_BYTES).
+    Covers all three formats, both axes and every word width an address
+    alignment can force (from one element up to MAX_WORD_BYTES).
     """
     names = set()
     for dtype, fmt in ((np.dtype(np.float32), 0), (np.dtype(np.float16), 1), (BFLOAT16, 2)):
@@ -196,7 +196,7 @@ def all_kernel_names(max_dim: int = 4096) -> list[str]:
             while word <= MAX_WORD_BYTES and (dim * item) % word == 0:
                 for axis in (Axis.SEQUENCE, Axis.EMBEDDING):
                     config = launch.gpu_launch(axis, 1, 1, dim, item, word)
-                    for id_dtype in ID_TYPE_NAMES:
+                    for id_dtype in id_dtypes:
                         names.add(kernel_name(axis, fmt, word, config.lanes, config.words_per_lane, id_dtype))
                 word *= 2
     return sorted(names)
