@@ -33,7 +33,8 @@ EXPORT_FIX = ("fused_embedding's op runs through tf.py_function, whose Python bo
               "a SavedModel. Export a native copy of the model instead: "
               "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
               "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
-              "tf.saved_model.save(signatures=...) tracing do this by themselves)")
+              "tf.saved_model.save() do this by themselves when they trace a function; "
+              "a ConcreteFunction traced earlier is saved as it is)")
 
 _state = threading.local()
 
@@ -73,11 +74,12 @@ def _tracing_for_export() -> bool:
 
 
 class _ExportGuard(tf.saved_model.experimental.TrackableResource):
-    """A resource every py_function graph captures, so saving that graph fails at save time.
+    """A resource every py_function graph captures, so that saving such a graph fails while saving.
 
-    Tracked (Keras tracks the resources of the layers it exports) it raises the
-    fix when TF serialises it; untracked, TF's own "untracked resource" error
-    quotes its repr, which names the fix.
+    Nothing tracks it (it belongs to no saved object), and TF's saver refuses a
+    function capturing an untracked resource with an AssertionError that quotes the
+    resource's repr: the repr names the fix. Should something track it anyway,
+    creating it inside the save context raises the same fix.
     """
 
     def _create_resource(self):
