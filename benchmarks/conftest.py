@@ -16,7 +16,9 @@ SEED = secrets.randbits(32)
 
 def pytest_collect_file(file_path, parent):
     # bench_*.py rather than test_*.py: `pytest tests` never picks these up.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # A file named on the command line is collected by pytest itself already.
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

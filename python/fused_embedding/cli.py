@@ -499,7 +499,9 @@ def format_table(results) -> str:
         lines.append(f"\n{device.upper()}: copy bandwidth {_fmt(copy.get('gb_per_s'), '.1f')} GB/s "
                      f"({copy.get('what', copy.get('error', ''))}); GB/s from the bytes model")
         rows = _rows(results, device)
-        widths = [max(len(h), *(len(r[i + 1]) for r in rows)) for i, h in enumerate(HEADER)]
+        timed = [r for r in rows if r[2] not in ("skipped", "failed")]
+        widths = [max([len(h)] + [len(r[i + 1]) for r in timed]) for i, h in enumerate(HEADER)]
+        widths[0] = max([widths[0]] + [len(r[1]) for r in rows])
         current = None
         for row in rows:
             if row[0] != current:
@@ -519,6 +521,27 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results, device) -> list[str]:
+    """Markdown lines: one row per case, one column per provider, "median ms (x unfused TF)"."""
+    ms = [m for m in results["measurements"] if m["device"] == device]
+    providers = list(dict.fromkeys(m["provider"] for m in ms))
+    lines = ["Median ms (speedup over the unfused TF path):", "",
+             "| case | " + " | ".join(providers) + " |",
+             "| --- |" + " ---: |" * len(providers)]
+    cells: dict = {}
+    for m in ms:
+        text = "-"
+        if m["status"] == "ok" and "median_ms" in m:
+            speedup = m.get("speedup_vs_unfused_tf")
+            text = f"{m['median_ms']:.3f}" + (f" ({speedup:.2f}x)" if speedup else "")
+        elif m["status"] == "failed":
+            text = "failed"
+        cells.setdefault(_case_label(m), {})[m["provider"]] = text
+    for label, row in cells.items():
+        lines.append(f"| {label} | " + " | ".join(row.get(p, "-") for p in providers) + " |")
+    return lines
+
+
 def markdown_block(results, device) -> str:
     """The RESULTS.md section for ``device``: machine, date, versions, copy bandwidth, the table."""
     machine, copy = results["machine"], results["copy"].get(device, {})
@@ -531,6 +554,10 @@ def markdown_block(results, device) -> str:
         f"Copy bandwidth: {_fmt(copy.get('gb_per_s'), '.1f')} GB/s ({copy.get('what', copy.get('error', ''))}).  ",
         f"Median of interleaved calls (p20-p80), id sets rotated so rows come from DRAM; "
         f"GB/s: {results['bytes_model']}.",
+        "",
+        *summary_table(results, device),
+        "",
+        "Every measurement:",
         "",
         "| case | provider | median ms | p20-p80 ms | GB/s | % copy BW | x unfused TF |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
