@@ -13,7 +13,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MEASUREMENT_KEYS = {"device", "provider", "batch", "length", "dim", "vocab", "dtype", "axis",
                     "id_sets", "status", "note"}
 TIMED_KEYS = {"times_ms", "median_ms", "p20_ms", "p80_ms", "bytes", "gb_per_s", "pct_of_copy",
-              "speedup_vs_unfused_tf"}
+              "speedup_vs_unfused", "baseline"}
 
 
 def run_main(argv, capsys):
@@ -172,9 +172,12 @@ def test_quick_bench_writes_its_files(quick_run):
         assert m["pct_of_copy"] == pytest.approx(100 * m["gb_per_s"] / results["copy"]["cpu"]["gb_per_s"])
     fused = [m for m in measurements if m["provider"] == "fused[cpu]"]
     assert len(fused) == len(cases) and all(m["status"] == "ok" for m in fused)
-    baseline = [m for m in measurements if m["provider"] == "tf-unfused" and m["status"] == "ok"]
-    for m in baseline:
-        assert m["speedup_vs_unfused_tf"] == pytest.approx(1.0)
+    # Speedups are over TF's unfused path where TF runs, else PyTorch's, in the same case.
+    timed = {(m["provider"], m["dtype"], m["axis"]): m for m in measurements if m["status"] == "ok"}
+    for m in timed.values():
+        base = timed[(m["baseline"], m["dtype"], m["axis"])]
+        assert m["baseline"] in ("tf-unfused", "torch-unfused")
+        assert m["speedup_vs_unfused"] == pytest.approx(base["median_ms"] / m["median_ms"])
 
     png = (out / cli.RESULTS_PNG).read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
@@ -184,6 +187,26 @@ def test_quick_bench_writes_its_files(quick_run):
     assert results["machine"]["cpu"] in text
     assert (out / cli.RESULTS_MD).read_text().startswith("## CPU")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_without_tensorflow_speedups_are_over_torch(capsys, tmp_path, monkeypatch):
+    # As on the GPU test machine: the TF providers are skipped with their reason,
+    # and PyTorch's unfused path becomes the baseline.
+    from fused_embedding import providers
+    if providers._torch_probe() is not None:
+        pytest.skip("PyTorch is not installed")
+    missing = "tensorflow is not installed (simulated)"
+    for name in ("tf-op", "tf-unfused", "keras", "tf-lookup-sparse"):
+        monkeypatch.setitem(providers._probes, name, missing)
+    code, out, _ = run_main(["bench", "--device", "cpu", "--sizes", "16,4,8,300", "--axes", "1",
+                             "--repeats", "5", "--out", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0
+    results = json.loads((tmp_path / cli.RESULTS_JSON).read_text())
+    assert {(s["provider"], s["reason"]) for s in results["skipped"]} >= {("tf-unfused", missing)}
+    timed = [m for m in results["measurements"] if m["status"] == "ok"]
+    assert {m["provider"] for m in timed} >= {"fused[cpu]", "torch-unfused", "torch-embedding-bag"}
+    assert all(m["baseline"] == "torch-unfused" for m in timed)
+    assert "speedup over torch-unfused" in out
 
 
 # --- validate ------------------------------------------------------------------

@@ -191,7 +191,10 @@ def _tf_ids(inputs: Inputs, device: str):
 def _tf_finish(result, device: str):
     """Wait for a TF result: eager CPU ops have run on return; a GPU result is read back (small)."""
     if device == "gpu":
-        result = result.cpu() if hasattr(result, "cpu") else result
+        tf = _tf()
+        with tf.device("/CPU:0"):
+            np.asarray(tf.identity(result))  # the (small) result read back waits for the GPU
+        return result
     np.asarray(result)  # zero-copy on the host; forces any pending work
     return result
 
@@ -514,16 +517,42 @@ def _torch_provider(device: str) -> Provider:
         supports=_sequence_only, prepare=prepare)
 
 
+def _torch_unfused_provider(device: str) -> Provider:
+    """The unfused path in PyTorch: gather (B, L, D), then mean. The GPU baseline where TF is absent."""
+
+    def prepare(inputs: Inputs):
+        torch = _torch()
+        table = _torch_table(inputs, device)
+        target = "cuda" if device == "gpu" else "cpu"
+        id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
+        axis = int(inputs.axis)
+
+        def run(k):
+            with torch.inference_mode():
+                # Accumulates 16-bit tables in float32, returns the table's dtype.
+                out = table[id_sets[k]].mean(dim=axis, dtype=torch.float32).to(table.dtype)
+            if device == "gpu":
+                _torch_gpu_sync()
+            return out
+        return run
+
+    return Provider(
+        name="torch-unfused" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
+        description="table[ids].mean(axis) in PyTorch (writes the (B, L, D) intermediate)",
+        probe=_torch_gpu_probe if device == "gpu" else _torch_probe,
+        supports=_any_case, prepare=prepare)
+
+
 @functools.lru_cache(maxsize=None)
 def all_providers() -> tuple[Provider, ...]:
     """Every provider we know, GPU ones first, the unfused TF path (the baseline) among them."""
     fused = [_fused_backend_provider(name) for name in backends.REGISTRY if name != "numpy"]
     return tuple(
         [p for p in fused if p.device == "gpu"]
-        + [_torch_provider("gpu"), _tf_unfused_provider("gpu")]
+        + [_torch_provider("gpu"), _tf_unfused_provider("gpu"), _torch_unfused_provider("gpu")]
         + [p for p in fused if p.device == "cpu"]
         + [_fused_constant_table_provider(), _tf_op_provider(), _tf_unfused_provider("cpu"), _keras_provider(),
-           _tf_sparse_provider(), _torch_provider("cpu")])
+           _tf_sparse_provider(), _torch_provider("cpu"), _torch_unfused_provider("cpu")])
 
 
 def providers_for(device: str) -> list[Provider]:
@@ -531,9 +560,10 @@ def providers_for(device: str) -> list[Provider]:
     return [p for p in all_providers() if device in ("all", p.device)]
 
 
-def baseline_name(device: str) -> str:
-    """The provider every speedup is measured against: the unfused TF path on that device."""
-    return "tf-unfused-gpu" if device == "gpu" else "tf-unfused"
+# The unfused gather -> mean every speedup is measured against, by device, in
+# order of preference: TF's where TensorFlow runs, else PyTorch's (the GPU test
+# machine has no TensorFlow).
+BASELINES = {"cpu": ("tf-unfused", "torch-unfused"), "gpu": ("tf-unfused-gpu", "torch-unfused-gpu")}
 
 
 def to_numpy(result, dtype) -> np.ndarray:
