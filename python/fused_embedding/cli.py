@@ -283,21 +283,19 @@ def _case_label(m: dict) -> str:
 
 
 def _validate_providers(providers, axes, dtypes, rng, bar) -> list[dict]:
-    from .providers import validate_provider
+    """One row per provider x axis x table dtype it supports: passed, and the report if not."""
+    from .providers import DTYPE_NAMES, validate_provider
     rows = []
     for provider in providers:
         for axis in axes:
             for dtype in dtypes:
-                row = dict(provider=provider.name, device=provider.device, axis=int(axis), dtype=dtype)
-                from .providers import DTYPE_NAMES
-                skip = provider.supports(axis, DTYPE_NAMES[dtype])
-                if skip is None:
+                if provider.supports(axis, DTYPE_NAMES[dtype]) is None:
                     try:
                         report = validate_provider(provider, rng, axis, DTYPE_NAMES[dtype])
                     except Exception as exc:
                         report = f"raised {type(exc).__name__}: {exc}"
-                    row.update(passed=report is None, report=report)
-                    rows.append(row)
+                    rows.append(dict(provider=provider.name, device=provider.device, axis=int(axis),
+                                     dtype=dtype, passed=report is None, report=report))
                 if bar is not None:
                     bar.update(1)
     return rows
