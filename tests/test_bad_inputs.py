@@ -257,6 +257,36 @@ def test_no_table_sized_allocation_on_cpu(rng, layout):
     assert peak < table_bytes / 10, f"peak traced allocation {peak} bytes vs a {table_bytes}-byte table"
 
 
+def test_memory_mapped_table_is_read_in_place(rng, tmp_path, monkeypatch):
+    """A table in a file (np.memmap, read-only): the right rows, read from the mapping itself."""
+    from fused_embedding.kernels import cpu as kernels
+    table, ids = random_inputs(rng, 300, 16, 5, 7)
+    path = tmp_path / "table.f32"
+    table.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=table.shape)
+    handed = []
+    real = kernels.gather_mean_sequence
+    monkeypatch.setattr(kernels, "gather_mean_sequence", lambda *args: handed.extend(args) or real(*args))
+    for axis in (1, 2):
+        assert_close(fe.embedding_mean(mapped, ids, axis=axis, backend="cpu"),
+                     embedding_mean_reference(table, ids, axis), np.float32)
+    assert any(isinstance(a, np.ndarray) and np.shares_memory(a, mapped) for a in handed)
+
+
+def test_torch_cpu_tensors_are_read_in_place(rng, monkeypatch):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    from fused_embedding.kernels import cpu as kernels
+    table, ids = random_inputs(rng, 300, 16, 5, 7, id_dtype=np.int64)
+    table_tensor, ids_tensor = torch.from_numpy(table), torch.from_numpy(ids)
+    handed = []
+    real = kernels.gather_mean_sequence
+    monkeypatch.setattr(kernels, "gather_mean_sequence", lambda *args: handed.extend(args) or real(*args))
+    result = fe.embedding_mean(table_tensor, ids_tensor, backend="cpu")
+    assert isinstance(result, np.ndarray)
+    assert_close(result, embedding_mean_reference(table, ids), np.float32)
+    assert any(isinstance(a, np.ndarray) and np.shares_memory(a, table) for a in handed)
+
+
 # --- devices and backends -----------------------------------------------------------------
 
 class CudaArrayStandIn:
