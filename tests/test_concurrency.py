@@ -102,6 +102,28 @@ def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only):
     assert not failures, failures[:3]
 
 
+def gpu_skip_reason():
+    from fused_embedding import backends
+    reason = backends.unavailable_reason("numba-cuda")
+    if reason is not None:
+        return f"backend 'numba-cuda' unavailable: {reason}"
+    from numba.core import config
+    if config.ENABLE_CUDASIM:
+        return ("the CUDA simulator is not thread-safe: launches from several Python threads at once "
+                "fail inside it (its fake cuda module is swapped per launch)")
+    return None
+
+
+@pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
+def test_numba_cuda_from_8_threads(rng):
+    """On a real GPU: eight threads each copying, launching and reading back at once."""
+    cases = thread_inputs(rng)
+    failures = run_threads(
+        lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
+                                                              backend="numba-cuda"), cases)
+    assert not failures, failures[:3]
+
+
 WORKQUEUE_SCRIPT = textwrap.dedent("""
     import numba, numpy as np
     import fused_embedding as fe
