@@ -1,0 +1,703 @@
+#!/usr/bin/env python
+"""GPU check: validate every GPU backend, then time it against its baselines, in one run.
+
+    python benchmarks/gpu_check.py              # on a GPU machine, from the repository root
+    python benchmarks/gpu_check.py --simulate   # no GPU: the CUDA simulator, validation only
+
+1. Prints the device and the versions of everything involved.
+2. Validates "numba-cuda" and "cupy" on fresh random inputs, outputs poisoned
+   before each launch, against the float64 reference with the per-dtype
+   tolerances (fused_embedding.validation): both axes, masks, float32/float16/
+   bfloat16, int32/int64 ids, odd shapes, empty batches, device inputs, and the
+   out-of-range error. One PASS/FAIL line per case.
+3. Times each backend (the kernel alone, and the whole call) against
+   torch.nn.functional.embedding_bag(mode="mean"), the unfused gather+mean in
+   CuPy and in PyTorch, and a device-to-device copy, all in this run, with CUDA
+   events (warm-up, median of many, id sets rotated so the rows touched exceed
+   L2). GB/s come from bytes_model.fused_bytes; % is of the copy's bandwidth.
+   Then the issue's targets, each met or not met.
+4. With OUT set, writes gpu_check.json and gpu_check.md there.
+
+Needs numba-cuda; CuPy and PyTorch are optional (reported "missing"). Imports
+nothing that imports TensorFlow. Works from a checkout without installing: it
+puts python/ on sys.path and maps kernels/ to fused_embedding.kernels. Any one
+failure is reported and the run goes on; each section has a time budget.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import traceback
+import types
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The issue's main shape and its variants: (label, dtype name, D, B, L, axis).
+V_TIMED = 4_000_000
+MAIN = ("fp32 D=128", "float32", 128, 65536, 32, 1)
+TIMED_CONFIGS = [
+    MAIN,
+    ("fp16 D=128", "float16", 128, 65536, 32, 1),
+    ("bf16 D=128", "bfloat16", 128, 65536, 32, 1),
+    ("fp32 D=16", "float32", 16, 524288, 32, 1),     # B x 8: the same rows' bytes as D=128
+    ("fp32 D=512", "float32", 512, 16384, 32, 1),    # B / 4
+    ("fp32 D=128 axis 2", "float32", 128, 65536, 32, 2),
+]
+# Distinct id sets cycled through the timed calls: each call reads B*L rows
+# (1 GiB at the main shape), far past any L2; rotating the sets also keeps a
+# call from finding the previous call's ids and last rows in cache.
+ID_SETS = 4
+WARMUP = 3
+# Each sample times CALLS_PER_SAMPLE calls back to back between two events, so
+# Python's launch overhead overlaps the previous call's work (as it does in a
+# model) instead of adding idle GPU time to every sample.
+CALLS_PER_SAMPLE = 5
+MAX_SAMPLES = 20
+SECONDS_PER_MEASUREMENT = 2.5
+TIMING_BUDGET_S = 140
+VALIDATION_BUDGET_S_PER_BACKEND = 60
+COPY_BYTES = 1 << 30
+
+TARGETS = {
+    "copy": 0.80, "torch": 1.2, "unfused": 2.5, "fp16": 1.7, "cupy": 1.25, "narrow_wide": 0.60,
+}
+
+
+# --- set-up: paths, CUDA, the package without installing ------------------------------
+def prepare_environment(simulate: bool) -> list[str]:
+    """Environment switches that must precede the first numba import; returns notes."""
+    notes = []
+    if simulate:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    # numba-cuda finds NVVM/libdevice/NVRTC through cuda-pathfinder (pip "nvidia-*"
+    # wheels) or CUDA_HOME; point it at the toolkit nvcc belongs to when unset.
+    if not simulate and "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        nvcc = shutil.which("nvcc")
+        home = Path(os.path.realpath(nvcc)).parents[1] if nvcc else Path("/usr/local/cuda")
+        if (home / "nvvm").is_dir():
+            os.environ["CUDA_HOME"] = str(home)
+            notes.append(f"CUDA_HOME set to {home} (the toolkit of {nvcc or 'the default path'})")
+    # numba-cuda on CUDA 12/13 needs NVIDIA's cuda-python bindings; the old ctypes
+    # binding does not know CUDA 13. Leave the user's choice alone if set.
+    os.environ.setdefault("NUMBA_CUDA_USE_NVIDIA_BINDING", "1")
+    warnings.filterwarnings("ignore", message=".*Grid size.*")          # tiny validation grids
+    warnings.filterwarnings("ignore", message=".*Host array used in CUDA kernel.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return notes
+
+
+def import_package() -> list[str]:
+    """Import fused_embedding from this checkout (installed or not); returns notes."""
+    notes = []
+    sys.path.insert(0, str(ROOT / "python"))
+    if importlib.util.find_spec("ml_dtypes") is None:
+        # The package names bfloat16 through ml_dtypes (TF and JAX bring it). Without
+        # it, stand in a 2-byte dtype so the package imports; bfloat16 cases are skipped.
+        shim = types.ModuleType("ml_dtypes")
+        import numpy as np
+        shim.bfloat16 = np.dtype([("bfloat16_bits", "<u2")])
+        shim.FUSED_EMBEDDING_STAND_IN = True
+        sys.modules["ml_dtypes"] = shim
+        notes.append("ml_dtypes is missing: bfloat16 cases are skipped (pip install ml_dtypes to run them)")
+    import fused_embedding
+    try:
+        importlib.import_module("fused_embedding.kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "fused_embedding.kernels", ROOT / "kernels" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fused_embedding.kernels"] = module
+        spec.loader.exec_module(module)
+        fused_embedding.kernels = module
+        notes.append("fused_embedding.kernels mapped to kernels/ (package not installed)")
+    return notes
+
+
+def bfloat16_available() -> bool:
+    return not getattr(sys.modules.get("ml_dtypes"), "FUSED_EMBEDDING_STAND_IN", False)
+
+
+def optional(name):
+    try:
+        return importlib.import_module(name), None
+    except Exception as exc:  # missing, or present but broken (a CUDA mismatch, say)
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+# --- the report ----------------------------------------------------------------------------
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.data: dict = {"environment": {}, "notes": [], "validation": [], "timings": [], "targets": []}
+
+    def say(self, line=""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def note(self, text):
+        self.data["notes"].append(text)
+        self.say(f"note: {text}")
+
+    def case(self, backend, label, ok, detail=""):
+        status = "PASS" if ok is True else ("SKIP" if ok is None else "FAIL")
+        self.data["validation"].append(dict(backend=backend, case=label, status=status, detail=detail))
+        self.say(f"{status}  {backend:<10} {label}" + (f"  -- {detail}" if detail else ""))
+
+    def write(self, folder: str):
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str))
+        (out / "gpu_check.md").write_text("```\n" + "\n".join(self.lines) + "\n```\n")
+        print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+
+
+def environment(report, simulate, notes):
+    import numpy as np
+    env = report.data["environment"]
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["python"] = platform.python_version()
+    env["numpy"] = np.__version__
+    env["mode"] = "simulate (NUMBA_ENABLE_CUDASIM=1)" if simulate else "gpu"
+    for name in ("numba", "numba_cuda", "cupy", "torch", "cuda.bindings", "cuda.pathfinder", "ml_dtypes"):
+        module, error = optional(name)
+        version = getattr(module, "__version__", "present") if module is not None else f"missing ({error})"
+        if name == "ml_dtypes" and not bfloat16_available():
+            version = "missing"
+        env[name] = version
+    env["device"] = "CUDA simulator (CPU)"
+    if not simulate:
+        try:
+            from numba import cuda
+            device = cuda.get_current_device()
+            name = device.name.decode() if isinstance(device.name, bytes) else device.name
+            free, total = cuda.current_context().get_memory_info()
+            env["device"] = f"{name}, compute capability {device.compute_capability[0]}.{device.compute_capability[1]}, " \
+                            f"{total / 2**30:.0f} GiB ({free / 2**30:.0f} GiB free)"
+            try:
+                env["cuda_driver"] = ".".join(map(str, cuda.cudadrv.driver.driver.get_version()))
+                env["cuda_runtime"] = ".".join(map(str, cuda.runtime.get_version()))
+            except Exception as exc:
+                env["cuda_versions"] = f"not read: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            env["device"] = f"numba-cuda cannot open the GPU: {type(exc).__name__}: {exc}"
+            report.note("numba-cuda could not open the GPU. If the message names NVVM/libdevice, set CUDA_HOME "
+                        "to the CUDA toolkit (the folder holding nvvm/) or pip install the nvidia-nvvm / "
+                        "nvidia-cuda-nvcc wheels; on CUDA 13, numba-cuda needs cuda-bindings 13 "
+                        "(pip install 'numba-cuda[cu13]') and a GPU of compute capability >= 7.5.")
+        torch, _ = optional("torch")
+        if torch is not None and torch.cuda.is_available() and "device" in env:
+            env["torch_device"] = torch.cuda.get_device_name()
+    report.say("== environment")
+    for key, value in env.items():
+        report.say(f"{key:>16}: {value}")
+    for text in notes:
+        report.note(text)
+
+
+# --- validation ------------------------------------------------------------------------
+def validation_cases(simulate):
+    """(label, dtype name, id dtype, (V, D, B, L), axis, mask_zero)."""
+    import numpy as np
+    cases = []
+    shapes = [(50, 1, 3, 5), (40, 3, 2, 9), (30, 16, 3, 4), (20, 33, 1, 1), (300, 129, 2, 3)] if simulate else \
+        [(1000, 128, 257, 33), (50, 1, 64, 5), (400, 3, 33, 9), (1000, 16, 100, 40), (300, 129, 7, 3),
+         (5000, 512, 65, 17), (100, 8, 1, 1)]
+    dtypes = ["float32", "float16", "bfloat16"]
+    id_dtypes = [np.int32, np.int64]
+    # Every 5th combination of the 24 (dtype x id dtype x axis x mask), counted on
+    # across shapes: 5 is coprime to 24, so each shape gets a different slice and
+    # five shapes cover every combination once.
+    keep_one_in = 5
+    grid = [(dtype, id_dtype, axis, mask) for dtype in dtypes for id_dtype in id_dtypes
+            for axis in (1, 2) for mask in (False, True)]
+    i = 0
+    for shape in shapes:
+        for dtype, id_dtype, axis, mask in grid:
+            i += 1
+            if i % keep_one_in:
+                continue
+            label = (f"{dtype} {np.dtype(id_dtype).name} V={shape[0]} D={shape[1]} B={shape[2]} "
+                     f"L={shape[3]} axis={axis}{' mask' if mask else ''}")
+            cases.append((label, dtype, id_dtype, shape, axis, mask))
+    return cases
+
+
+def numpy_dtype(name):
+    import numpy as np
+
+    from fused_embedding.semantics import BFLOAT16
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+def check_result(result, table, ids, axis, mask_zero, dtype):
+    import numpy as np
+
+    from fused_embedding.reference import embedding_mean_reference
+    from fused_embedding.validation import POISON, compare, tolerance
+    result = np.asarray(result)
+    if result.dtype != dtype:
+        return f"dtype {result.dtype}, expected {dtype}"
+    if (result.view(np.uint16 if dtype.itemsize == 2 else np.uint32) ==
+            np.array(POISON, dtype).view(np.uint16 if dtype.itemsize == 2 else np.uint32)).any():
+        return "output elements left unwritten (still poisoned)"
+    return compare(result, embedding_mean_reference(table, ids, axis, mask_zero), **tolerance(dtype))
+
+
+def run_validation(report, names, simulate):
+    import numpy as np
+
+    import fused_embedding as fe
+    from fused_embedding import backends
+    from fused_embedding.semantics import Axis, output_shape
+    from fused_embedding.validation import poisoned, random_inputs
+    report.say("\n== validation (poisoned outputs, float64 reference, per-dtype tolerances)")
+    rng = np.random.default_rng()
+    for name in names:
+        reason = backends.unavailable_reason(name)
+        if reason is not None:
+            report.case(name, "all cases", None, f"unavailable: {reason}")
+            continue
+        module = backends.get(name)
+        deadline = time.monotonic() + VALIDATION_BUDGET_S_PER_BACKEND
+        for label, dtype_name, id_dtype, shape, axis, mask in validation_cases(simulate):
+            if time.monotonic() > deadline:
+                report.case(name, "remaining cases", None, "validation time budget spent")
+                break
+            if dtype_name == "bfloat16" and not bfloat16_available():
+                report.case(name, label, None, "ml_dtypes missing")
+                continue
+            try:
+                dtype = numpy_dtype(dtype_name)
+                table, ids = random_inputs(rng, *shape, dtype, id_dtype, padding_fraction=0.3 if mask else 0.0)
+                if mask:
+                    ids[0, 0] = 0
+                    table[0, :] = np.nan  # the padding row must never be read
+                out = poisoned(output_shape(Axis(axis), shape[2], shape[3], shape[1]), dtype)
+                result = module.embedding_mean(table, ids, Axis(axis), mask, out=out)
+                problem = check_result(result, table, ids, axis, mask, dtype)
+                report.case(name, label, problem is None, problem or "")
+            except Exception as exc:
+                report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+        # Edge cases through the public op.
+        edge = [("B=0", (0, 5), 1), ("L=0", (3, 0), 1), ("L=0 axis=2", (3, 0), 2)]
+        for label, ids_shape, axis in edge:
+            try:
+                table, _ = random_inputs(rng, 20, 8, 1, 1)
+                ids = np.zeros(ids_shape, np.int64)
+                result = np.asarray(to_host(fe.embedding_mean(table, ids, axis=axis, backend=name)))
+                shape = output_shape(Axis(axis), ids_shape[0], ids_shape[1], 8)
+                ok = result.shape == shape and not np.any(result)
+                report.case(name, label, ok, "" if ok else f"got shape {result.shape}: {result!r}")
+            except Exception as exc:
+                report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+        for bad_id in (-1, 50, 2**40):
+            for axis in (1, 2):
+                label = f"bounds: id {bad_id} axis={axis}"
+                table, ids = random_inputs(rng, 50, 4, 6, 7, id_dtype=np.int64)
+                ids[5, 0] = bad_id
+                ids[4, 5] = bad_id
+                expected = (f"id {bad_id} at ids[4, 5] is out of range for a table of 50 rows "
+                            f"(expected 0 <= id < 50)")
+                try:
+                    fe.embedding_mean(table, ids, axis=axis, backend=name)
+                    report.case(name, label, False, "no IndexError raised")
+                except IndexError as exc:
+                    report.case(name, label, str(exc) == expected, "" if str(exc) == expected else f"message: {exc}")
+                except Exception as exc:
+                    report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+        if not simulate:
+            run_device_validation(report, name, module, rng)
+
+
+def to_host(array):
+    import numpy as np
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    if hasattr(array, "get"):
+        return array.get()
+    return np.asarray(array)
+
+
+def run_device_validation(report, name, module, rng):
+    """Device inputs: device table + device ids, device table + host ids, an unaligned table."""
+    import numpy as np
+    from numba import cuda
+
+    from fused_embedding.semantics import Axis
+    from fused_embedding.validation import poisoned, random_inputs
+    for label, dtype_name, offset, host_ids in [
+            ("device table+ids fp32 D=128", "float32", 0, False),
+            ("device table, host ids fp16 D=64", "float16", 0, True),
+            ("device table offset by 1 element (no wide loads) fp32 D=64", "float32", 1, False),
+            ("device table offset by 2 elements fp16 D=128", "float16", 2, False)]:
+        for axis in (1, 2):
+            try:
+                dtype = numpy_dtype(dtype_name)
+                dim = 128 if "D=128" in label else 64
+                table, ids = random_inputs(rng, 3000, dim, 300, 20, dtype, np.int64)
+                flat = cuda.to_device(np.concatenate([np.zeros(offset, dtype), table.ravel()]))
+                d_table = flat[offset:].reshape(table.shape) if offset else flat.reshape(table.shape)
+                d_ids = ids if host_ids else cuda.to_device(ids)
+                out_shape = (300, dim) if axis == 1 else (300, 20)
+                d_out = cuda.to_device(poisoned(out_shape, dtype))
+                module.embedding_mean(d_table, d_ids, Axis(axis), False, out=d_out)
+                result = d_out.copy_to_host()
+                problem = check_result(result, table, ids, axis, False, dtype)
+                report.case(name, f"{label} axis={axis}", problem is None, problem or "")
+            except Exception as exc:
+                report.case(name, f"{label} axis={axis}", False, f"{type(exc).__name__}: {exc}")
+
+
+# --- timing ----------------------------------------------------------------------------
+class DeviceTable:
+    """A GPU buffer seen as a (V, D) table of a NumPy dtype (bfloat16 included), via the CUDA array interface."""
+
+    def __init__(self, pointer, shape, dtype, owner):
+        import numpy as np
+        self.shape, self.dtype, self.owner, self.ndim = tuple(shape), np.dtype(dtype), owner, len(shape)
+        bits = np.dtype(np.uint16) if self.dtype.kind not in "fiu" else self.dtype
+        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": bits.str, "data": (pointer, False),
+                                         "strides": None, "version": 3}
+
+
+class Timer:
+    """CUDA events on the legacy default stream, which numba, CuPy and PyTorch all launch on here."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def measure(self, fn, budget_s=SECONDS_PER_MEASUREMENT):
+        """(median ms per call, calls timed): WARMUP calls, then up to MAX_SAMPLES samples
+        of CALLS_PER_SAMPLE calls fn(i) each."""
+        for i in range(WARMUP):
+            fn(i)
+        self.cuda.synchronize()
+        per_call = []
+        stop_at = time.monotonic() + budget_s
+        call = 0
+        for _ in range(MAX_SAMPLES):
+            start, end = self.cuda.event(timing=True), self.cuda.event(timing=True)
+            start.record()
+            for _ in range(CALLS_PER_SAMPLE):
+                fn(call)
+                call += 1
+            end.record()
+            end.synchronize()
+            per_call.append(self.cuda.event_elapsed_time(start, end) / CALLS_PER_SAMPLE)
+            if time.monotonic() > stop_at and len(per_call) >= 5:
+                break
+        return statistics.median(per_call), call
+
+
+def run_timings(report, deadline):
+    """Times every provider on every TIMED_CONFIGS entry; returns the copy bandwidth (GB/s)."""
+    from numba import cuda
+    report.say("\n== timings (CUDA events, median; GB/s = bytes_model.fused_bytes / time)")
+    torch, torch_error = optional("torch")
+    cupy, cupy_error = optional("cupy")
+    if torch is not None and not torch.cuda.is_available():
+        torch, torch_error = None, "this torch build sees no CUDA GPU"
+    if torch is None:
+        report.note(f"torch missing ({torch_error}): torch baselines and bfloat16 tables skipped")
+    if cupy is None:
+        report.note(f"cupy missing ({cupy_error}): CuPy baselines skipped")
+    timer = Timer(cuda)
+    copy_gbs = measure_copy(report, timer, cuda)
+    header = f"{'config':<18} {'provider':<34} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'calls':>5}"
+    report.say(header)
+    report.say("-" * len(header))
+    for config in TIMED_CONFIGS:
+        if time.monotonic() > deadline:
+            report.note(f"timing budget spent: {config[0]} and later configs skipped")
+            break
+        if config[1] == "bfloat16" and (torch is None or not bfloat16_available()):
+            report.note(f"{config[0]}: skipped (bfloat16 tables are made with torch and named with ml_dtypes)")
+            continue
+        try:
+            time_config(report, timer, config, copy_gbs, torch, cupy, cuda, deadline)
+        except Exception as exc:
+            report.note(f"{config[0]}: stopped: {type(exc).__name__}: {exc}")
+        free_memory(torch, cupy)
+    return copy_gbs
+
+
+def measure_copy(report, timer, cuda):
+    """Bandwidth (GB/s, read + write) of a 1 GiB device-to-device copy: the roof for every number."""
+    import numpy as np
+
+    from fused_embedding import bytes_model
+    try:
+        source = cuda.device_array(COPY_BYTES // 4, np.float32)
+        target = cuda.device_array(COPY_BYTES // 4, np.float32)
+        ms, calls = timer.measure(lambda i: target.copy_to_device(source))
+    except Exception as exc:
+        report.note(f"copy bandwidth not measured: {type(exc).__name__}: {exc}")
+        return float("nan")
+    copy_gbs = bytes_model.gb_per_s(bytes_model.copy_bytes(COPY_BYTES), ms / 1e3)
+    report.data["timings"].append(dict(config="copy 1 GiB", provider="device-to-device copy", ms=ms, calls=calls,
+                                       gbs=copy_gbs, pct_copy=100.0))
+    report.say(f"device-to-device copy of 1 GiB: {ms:.3f} ms, {copy_gbs:.0f} GB/s (read + write)")
+    return copy_gbs
+
+
+def time_config(report, timer, config, copy_gbs, torch, cupy, cuda, deadline):
+    import numpy as np
+
+    import fused_embedding as fe
+    from fused_embedding import backends, bytes_model
+    from fused_embedding.semantics import Axis
+    label, dtype_name, dim, batch, length, axis = config
+    setup = make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length)
+    nbytes = bytes_model.fused_bytes(batch, length, dim, numpy_dtype(dtype_name), np.int64, Axis(axis))
+    rows = report.data["timings"]
+
+    def record(provider, fn):
+        try:
+            ms, calls = timer.measure(fn)
+            gbs = bytes_model.gb_per_s(nbytes, ms / 1e3)
+            pct = 100.0 * gbs / copy_gbs
+            rows.append(dict(config=label, provider=provider, ms=ms, calls=calls, gbs=gbs, pct_copy=pct))
+            report.say(f"{label:<18} {provider:<34} {ms:8.3f} {gbs:7.0f} {pct:6.0f}% {calls:5d}")
+        except Exception as exc:
+            rows.append(dict(config=label, provider=provider, error=f"{type(exc).__name__}: {exc}"))
+            report.say(f"{label:<18} {provider:<34} FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+
+    table, id_sets = setup["table"], setup["ids"]
+    for name in ("numba-cuda", "cupy"):
+        if time.monotonic() > deadline:
+            break
+        reason = backends.unavailable_reason(name)
+        if reason is not None:
+            report.say(f"{label:<18} {name:<34} unavailable: {reason[:80]}")
+            continue
+        module = backends.get(name)
+        try:
+            calls = [module.prepare(table, ids, Axis(axis), False) for ids in id_sets]
+            record(f"{name} kernel", lambda i: calls[i % ID_SETS].launch())
+            result = calls[0].finish()
+            for call in calls[1:]:  # no bad ids: the flags read back clean
+                call.finish()
+            check_full_size(report, name, label, setup, result, axis)
+        except Exception as exc:
+            report.say(f"{label:<18} {name + ' kernel':<34} FAILED: {type(exc).__name__}: {exc}")
+        record(f"{name} op (embedding_mean)",
+               lambda i: fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend=name))
+    if torch is not None:
+        weight, torch_ids = setup["torch_table"], setup["torch_ids"]
+        functional = torch.nn.functional
+        if axis == 1:
+            record("torch embedding_bag(mean)",
+                   lambda i: functional.embedding_bag(torch_ids[i % ID_SETS], weight, mode="mean"))
+            record("torch unfused embedding().mean(1)",
+                   lambda i: functional.embedding(torch_ids[i % ID_SETS], weight).mean(1))
+        else:
+            record("torch unfused embedding().mean(2)",
+                   lambda i: functional.embedding(torch_ids[i % ID_SETS], weight).mean(2))
+    if cupy is not None and setup.get("cupy_table") is not None:
+        cupy_table, cupy_ids = setup["cupy_table"], setup["cupy_ids"]
+        record(f"cupy unfused table[ids].mean({axis})",
+               lambda i: cupy_table[cupy_ids[i % ID_SETS]].mean(axis=axis))
+
+
+CHECKED_BAGS = 64
+
+
+def check_full_size(report, name, label, setup, result, axis):
+    """The timed kernel's first CHECKED_BAGS bags against the float64 reference (rows fetched by torch/CuPy)."""
+    import numpy as np
+
+    from fused_embedding.reference import embedding_mean_reference
+    from fused_embedding.validation import compare, tolerance
+    case = f"full size {label}: first {CHECKED_BAGS} bags of the timed call"
+    try:
+        dtype = np.dtype(setup["table"].dtype)
+        if "torch_table" in setup:
+            import torch
+            ids = setup["torch_ids"][0][:CHECKED_BAGS]
+            rows = setup["torch_table"][ids.reshape(-1)].cpu()  # [bags * L][D], gathered on the GPU
+            # torch -> NumPy through 16-bit ints: NumPy has no bfloat16 of its own.
+            host_rows = rows.view(torch.int16).numpy().view(dtype) if dtype.itemsize == 2 else rows.numpy()
+            host_ids = ids.cpu().numpy()
+        elif setup.get("cupy_table") is not None:
+            host_ids = setup["cupy_ids"][0][:CHECKED_BAGS].get()
+            host_rows = setup["cupy_table"][setup["cupy_ids"][0][:CHECKED_BAGS].reshape(-1)].get()
+        else:
+            report.case(name, case, None, "needs torch or CuPy to fetch rows")
+            return
+        bags, length = host_ids.shape
+        # The fetched rows as a small table, indexed by position: same values, same means.
+        local_ids = np.arange(bags * length).reshape(bags, length)
+        expected = embedding_mean_reference(host_rows, local_ids, axis)
+        actual = to_host(result)[:CHECKED_BAGS]
+        if dtype.itemsize == 2 and actual.dtype != dtype:
+            actual = actual.view(dtype)
+        problem = compare(actual, expected, **tolerance(dtype))
+        report.case(name, case, problem is None, problem or "")
+    except Exception as exc:
+        report.case(name, case, False, f"{type(exc).__name__}: {exc}")
+
+
+def make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length):
+    """A (V_TIMED, D) table on the GPU and ID_SETS (B, L) int64 id sets, as every provider takes them."""
+    import numpy as np
+    dtype = numpy_dtype(dtype_name)
+    setup = {}
+    if torch is not None:
+        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+        weight = torch.randn(V_TIMED, dim, device="cuda", dtype=torch_dtype)
+        ids = [torch.randint(0, V_TIMED, (batch, length), device="cuda", dtype=torch.int64)
+               for _ in range(ID_SETS)]
+        torch.cuda.synchronize()
+        setup.update(torch_table=weight, torch_ids=ids,
+                     table=DeviceTable(weight.data_ptr(), weight.shape, dtype, weight),
+                     ids=[DeviceTable(i.data_ptr(), i.shape, np.int64, i) for i in ids])
+        if cupy is not None and dtype_name != "bfloat16":
+            setup.update(cupy_table=cupy.asarray(setup["table"]),
+                         cupy_ids=[cupy.asarray(i) for i in setup["ids"]])
+    elif cupy is not None:
+        if dtype_name == "bfloat16":
+            raise RuntimeError("bfloat16 tables need torch here")
+        rng = cupy.random.default_rng()
+        table = rng.standard_normal((V_TIMED, dim), dtype=cupy.float32).astype(dtype)
+        ids = [rng.integers(0, V_TIMED, (batch, length), dtype=cupy.int64) for _ in range(ID_SETS)]
+        setup.update(table=table, ids=ids, cupy_table=table, cupy_ids=ids)
+    else:
+        rng = np.random.default_rng()
+        table = cuda.to_device(rng.standard_normal((V_TIMED, dim), dtype=np.float32).astype(dtype))
+        ids = [cuda.to_device(rng.integers(0, V_TIMED, (batch, length))) for _ in range(ID_SETS)]
+        setup.update(table=table, ids=ids)
+    return setup
+
+
+def free_memory(torch, cupy):
+    import gc
+    gc.collect()
+    if torch is not None:
+        torch.cuda.empty_cache()
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+# --- targets ---------------------------------------------------------------------------
+def evaluate_targets(report, copy_gbs):
+    rows = [r for r in report.data["timings"] if "ms" in r]
+
+    def ms(config, provider):
+        for r in rows:
+            if r["config"] == config and r["provider"] == provider:
+                return r["ms"]
+        return None
+
+    def pct(config, provider):
+        for r in rows:
+            if r["config"] == config and r["provider"] == provider:
+                return r["pct_copy"] / 100.0
+        return None
+
+    main = MAIN[0]
+    ours = "numba-cuda kernel"
+    ours_op = "numba-cuda op (embedding_mean)"
+    checks = []
+
+    def check(what, value, goal, higher_is_better=True, unit="x"):
+        if value is None:
+            checks.append(dict(target=what, value=None, goal=goal, status="not measured"))
+            report.say(f"  {what}: not measured")
+            return
+        met = value >= goal if higher_is_better else value <= goal
+        checks.append(dict(target=what, value=value, goal=goal, status="met" if met else "not met"))
+        shown = f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
+        aim = f"{100 * goal:.0f}%" if unit == "%" else f"{goal}x"
+        report.say(f"  {what}: {shown} (target {'>=' if higher_is_better else '<='} {aim}): "
+                   f"{'met' if met else 'NOT met'}")
+
+    def ratio(a, b):
+        return a / b if a is not None and b is not None else None
+
+    report.say(f"\n== targets ({main}, V={V_TIMED:,}; kernel = the launch alone, op = the whole call)")
+    for provider in (ours, ours_op):
+        check(f"{provider} at >= 80% of copy bandwidth", pct(main, provider), TARGETS["copy"], unit="%")
+        check(f"{provider} vs torch embedding_bag", ratio(ms(main, "torch embedding_bag(mean)"), ms(main, provider)),
+              TARGETS["torch"])
+        check(f"{provider} vs torch unfused", ratio(ms(main, "torch unfused embedding().mean(1)"), ms(main, provider)),
+              TARGETS["unfused"])
+        check(f"{provider} vs cupy unfused", ratio(ms(main, "cupy unfused table[ids].mean(1)"), ms(main, provider)),
+              TARGETS["unfused"])
+    check("float16 table faster than float32 (numba-cuda kernel)", ratio(ms(main, ours), ms("fp16 D=128", ours)),
+          TARGETS["fp16"])
+    check("cupy kernel time / numba-cuda kernel time", ratio(ms(main, "cupy kernel"), ms(main, ours)),
+          TARGETS["cupy"], higher_is_better=False)
+    for config in ("fp32 D=16", "fp32 D=512"):
+        check(f"{config}: numba-cuda kernel at >= 60% of copy bandwidth", pct(config, ours),
+              TARGETS["narrow_wide"], unit="%")
+    report.data["targets"] = checks
+
+
+# --- main ------------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--simulate", action="store_true",
+                        help="run under the CUDA simulator (set automatically when there is no nvidia-smi)")
+    args = parser.parse_args(argv)
+    simulate = (args.simulate or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+                or shutil.which("nvidia-smi") is None)
+    started = time.monotonic()
+    notes = prepare_environment(simulate)
+    report = Report()
+    try:
+        notes += import_package()
+    except Exception:
+        report.say("FAIL  cannot import fused_embedding from this checkout:\n" + traceback.format_exc())
+        finish(report)
+        return 1
+    environment(report, simulate, notes)
+
+    names = ["numba-cuda"] if simulate else ["numba-cuda", "cupy"]
+    try:
+        run_validation(report, names, simulate)
+    except Exception:
+        report.say("FAIL  validation stopped:\n" + traceback.format_exc())
+        report.data["validation"].append(dict(backend="-", case="validation", status="FAIL",
+                                              detail=traceback.format_exc()))
+
+    if simulate:
+        report.say("\n== timings skipped: the CUDA simulator runs kernels on the CPU and has no timing")
+    else:
+        try:
+            copy_gbs = run_timings(report, time.monotonic() + TIMING_BUDGET_S)
+            evaluate_targets(report, copy_gbs)
+        except Exception:
+            report.say("FAIL  timings stopped:\n" + traceback.format_exc())
+
+    statuses = [c["status"] for c in report.data["validation"]]
+    passed, failed, skipped = statuses.count("PASS"), statuses.count("FAIL"), statuses.count("SKIP")
+    report.data["summary"] = dict(passed=passed, failed=failed, skipped=skipped,
+                                  seconds=round(time.monotonic() - started, 1))
+    report.say(f"\n== summary: {passed} passed, {failed} failed, {skipped} skipped in "
+               f"{time.monotonic() - started:.0f} s")
+    finish(report)
+    return 1 if failed or not passed else 0
+
+
+def finish(report):
+    if os.environ.get("OUT"):
+        try:
+            report.write(os.environ["OUT"])
+        except Exception as exc:
+            print(f"could not write to OUT={os.environ['OUT']}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
