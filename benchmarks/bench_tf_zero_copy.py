@@ -11,6 +11,12 @@ Shape: V=8,000,000, D=64 (a 2 GB float32 table), B=256, L=32, axis 1. Rows timed
                  inside it: the copy ``np.asarray`` avoids.
 Also the two conversions alone. Prints a markdown block (machine, date, numbers)
 for RESULTS.md. Memory: the 2 GB table once, plus 2 GB transiently for the copy rows.
+
+    python benchmarks/bench_tf_zero_copy.py --fixed-cost [--batch 1 --length 16 --dim 64]
+
+instead times what the op costs beyond its kernel at a small batch (V=1,000,000):
+the core op, an empty tf.py_function (same inputs, a constant output), the op in
+tf.function and the unfused TF path, interleaved call by call (medians of 300).
 """
 from __future__ import annotations
 
@@ -34,6 +40,50 @@ def median_ms(fn, rounds: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def machine_line(tf) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, {date}"
+
+
+def fixed_cost(args) -> str:
+    """Interleaved medians at a small batch: what tf.py_function adds to the kernel."""
+    import tensorflow as tf
+
+    import fused_embedding as fe
+    import fused_embedding.tf as fe_tf
+    vocab, dim, batch, length = 1_000_000, args.dim, args.batch, args.length
+    table = tf.random.uniform((vocab, dim), dtype=tf.float32)      # [V][D]
+    table_view = np.asarray(table)
+    rng = np.random.default_rng()
+    id_sets = [rng.integers(0, vocab, (batch, length), dtype=np.int32) for _ in range(16)]  # [B][L] each
+    id_tensors = [tf.constant(ids) for ids in id_sets]
+    constant_out = np.zeros((batch, dim), np.float32)
+    empty = tf.function(lambda t, ids: tf.py_function(lambda a, b: constant_out, [t, ids], tf.float32))
+    fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    unfused = tf.function(lambda t, ids: tf.reduce_mean(tf.gather(t, ids), axis=1))  # writes [B][L][D]
+    paths = {
+        "core op": lambda k: fe.embedding_mean(table_view, id_sets[k]),
+        "empty tf.py_function": lambda k: empty(table, id_tensors[k]),
+        "tf op in tf.function": lambda k: fused_op(table, id_tensors[k]),
+        "unfused TF (gather + reduce_mean)": lambda k: unfused(table, id_tensors[k]),
+    }
+    for run in paths.values():
+        run(0)
+    times = {name: [] for name in paths}
+    for k in range(300):  # interleaved: load from elsewhere falls on every path alike
+        for name, run in paths.items():
+            start = time.perf_counter()
+            run(k % len(id_sets))
+            times[name].append(time.perf_counter() - start)
+    lines = [f"### TF op: fixed cost at B={batch}, L={length}, D={dim}", "",
+             f"{machine_line(tf)}; V={vocab:,}, float32, axis 1; interleaved, medians of 300.", "",
+             "| path | ms |", "| --- | --- |"]
+    lines += [f"| {name} | {statistics.median(t) * 1e3:.3f} |" for name, t in times.items()]
+    block = "\n".join(lines)
+    print(block)
+    return block
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=8_000_000)
@@ -42,7 +92,15 @@ def main(argv=None) -> str:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--copy-rounds", type=int, default=5, help="rounds for the 2 GB copy rows")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="time the op's cost beyond the kernel at a small batch instead "
+                             "(defaults there: B=1, L=16, D=64)")
     args = parser.parse_args(argv)
+    if args.fixed_cost:
+        for name, small in (("batch", 1), ("length", 16), ("dim", 64)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, small)
+        return fixed_cost(args)
 
     import tensorflow as tf
 
@@ -81,12 +139,10 @@ def main(argv=None) -> str:
     ]
     core_ms = rows[0][1]
     nbytes = bytes_model.fused_bytes(batch, length, dim, np.float32, np.int32)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"### TF op: zero copy on a {vocab * dim * 4 / 1e9:.2f} GB table",
         "",
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}, {date}; "
-        f"V={vocab:,}, D={dim}, B={batch}, L={length}, float32, axis 1; medians of "
+        f"{machine_line(tf)}; V={vocab:,}, D={dim}, B={batch}, L={length}, float32, axis 1; medians of "
         f"{args.rounds} ({args.copy_rounds} for the copy rows).",
         "",
         "| path | ms | vs core op |",
