@@ -230,3 +230,20 @@ def test_gpu_tensors_go_through_dlpack(rng):
     out = fused_tf.embedding_mean(table_gpu, tf.constant(ids))  # int32 ids: kept on the host by TF
     assert "GPU" in out.device
     assert_close(np.asarray(out.cpu()), embedding_mean_reference(table, ids), np.float32)
+
+
+@pytest.mark.parametrize("update", ["assign", "assign_sub", "scatter_update"])
+def test_updated_variable_is_seen_on_axis_2(rng, update):
+    """Axis 2 may reuse cached row means of a constant table: an updated variable must not get stale ones."""
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    variable = tf.Variable(table)
+    op = tf.function(lambda i: fused_tf.embedding_mean(variable, i, axis=2))
+    assert_close(np.asarray(op(ids)), embedding_mean_reference(table, ids, 2), np.float32)
+    new_rows = rng.standard_normal((VOCAB, DIM)).astype(np.float32)
+    if update == "assign":
+        variable.assign(new_rows)
+    elif update == "assign_sub":
+        variable.assign_sub(table - new_rows)
+    else:
+        variable.scatter_update(tf.IndexedSlices(new_rows, tf.range(VOCAB)))
+    assert_close(np.asarray(op(ids)), embedding_mean_reference(new_rows, ids, 2), np.float32)
