@@ -145,7 +145,7 @@ def test_quick_bench_writes_its_files(quick_run):
     results = json.loads((out / cli.RESULTS_JSON).read_text())
     assert results["schema"] == cli.SCHEMA_VERSION
     assert {"command", "date", "duration_s", "seed", "machine", "versions", "bytes_model", "copy",
-            "skipped", "validation", "measurements"} <= set(results)
+            "load_average", "skipped", "validation", "measurements"} <= set(results)
     assert {"cpu", "cores", "gpu", "python"} <= set(results["machine"])
     assert results["versions"]["numpy"] == np.__version__
     assert results["copy"]["cpu"]["gb_per_s"] > 0

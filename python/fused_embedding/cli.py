@@ -229,6 +229,14 @@ def gpu_name() -> str | None:
         return None
 
 
+def _load_average() -> list | None:
+    """The 1, 5 and 15 minute load averages: how busy the machine was around the timings."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info() -> dict:
     return dict(cpu=cpu_model(), cores=os.cpu_count(), gpu=gpu_name(), platform=platform.platform(),
                 python=platform.python_version(), memory_gib=round(_memory_bytes() / 2**30, 1))
@@ -316,6 +324,7 @@ def _check_writable(path: Path, parser, what: str, is_dir: bool) -> None:
 def run_bench(args, parser) -> int:
     from . import providers as P
     started = time.time()
+    load_at_start = _load_average()
     _check_writable(Path(args.out), parser, "--out", is_dir=True)
     if args.results_md:
         _check_writable(Path(args.results_md), parser, "--results-md", is_dir=False)
@@ -390,6 +399,7 @@ def run_bench(args, parser) -> int:
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    duration_s=round(time.time() - started, 1), seed=seed, quick=bool(args.quick),
                    machine=machine_info(), versions=versions(), bytes_model=BYTES_MODEL_TEXT,
+                   load_average=dict(start=load_at_start, end=_load_average()),
                    copy=copy, skipped=skipped, validation=validation, measurements=measurements)
     print(format_table(results))
     write_outputs(results, Path(args.out), Path(args.results_md) if args.results_md else None)
@@ -526,6 +536,11 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
+def _load_text(results, when) -> str:
+    load = (results.get("load_average") or {}).get(when)
+    return "/".join(f"{v:.1f}" for v in load) if load else "unknown"
+
+
 def summary_table(results, device) -> list[str]:
     """Markdown lines: one row per case, one column per provider, "median ms (x unfused)"."""
     ms = [m for m in results["measurements"] if m["device"] == device]
@@ -557,6 +572,8 @@ def markdown_block(results, device) -> str:
         f"Date: {results['date']}. Command: `{results['command']}` ({results['duration_s']:.0f} s).  ",
         f"Versions: {versions_text}.  ",
         f"Copy bandwidth: {_fmt(copy.get('gb_per_s'), '.1f')} GB/s ({copy.get('what', copy.get('error', ''))}).  ",
+        f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
+        f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",
         f"Median of interleaved calls (p20-p80), id sets rotated so rows come from DRAM; "
         f"GB/s: {results['bytes_model']}.",
         "",

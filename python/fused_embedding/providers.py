@@ -345,15 +345,16 @@ def _fused_backend_provider(name: str) -> Provider:
         probe=probe, supports=_any_case, prepare=prepare)
 
 
-def read_only_view(table: np.ndarray) -> np.ndarray:
-    """``table``'s memory as an array no write can reach (every base read-only).
+def read_only_copy(table: np.ndarray) -> np.ndarray:
+    """A copy of ``table`` that no write can reach: what a user does to declare a table constant.
 
-    What a user does to declare a table constant; the core then caches axis 2's
-    per-row means (``fused_embedding.row_mean_cache``). The benchmark never
-    writes to its tables, so the view is truly constant.
+    The core then caches axis 2's per-row means (``fused_embedding.row_mean_cache``).
+    A copy, not a read-only view: the cache rightly drops an entry whenever the
+    same memory is seen writable, as it is by the other providers' calls.
     """
-    frozen = np.frombuffer(memoryview(table.reshape(-1).view(np.uint8)).toreadonly(), dtype=np.uint8)
-    return frozen.view(table.dtype).reshape(table.shape)
+    frozen = np.array(table, copy=True)
+    frozen.setflags(write=False)
+    return frozen
 
 
 def _fused_constant_table_provider() -> Provider:
@@ -363,7 +364,7 @@ def _fused_constant_table_provider() -> Provider:
         from .api import embedding_mean
         key = ("read-only-table",)
         if key not in inputs.cache:
-            inputs.cache[key] = read_only_view(inputs.table)
+            inputs.cache[key] = read_only_copy(inputs.table)
         table, id_sets, axis = inputs.cache[key], inputs.id_sets, int(inputs.axis)
 
         def run(k):
@@ -527,10 +528,11 @@ def _torch_unfused_provider(device: str) -> Provider:
         id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
         axis = int(inputs.axis)
 
+        embedding = torch.nn.functional.embedding
+
         def run(k):
             with torch.inference_mode():
-                # Accumulates 16-bit tables in float32, returns the table's dtype.
-                out = table[id_sets[k]].mean(dim=axis, dtype=torch.float32).to(table.dtype)
+                out = embedding(id_sets[k], table).mean(dim=axis)  # writes [B][L][D], reads it back
             if device == "gpu":
                 _torch_gpu_sync()
             return out
@@ -538,7 +540,7 @@ def _torch_unfused_provider(device: str) -> Provider:
 
     return Provider(
         name="torch-unfused" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
-        description="table[ids].mean(axis) in PyTorch (writes the (B, L, D) intermediate)",
+        description="torch.nn.functional.embedding(ids, table).mean(axis): the unfused path in PyTorch",
         probe=_torch_gpu_probe if device == "gpu" else _torch_probe,
         supports=_any_case, prepare=prepare)
 
