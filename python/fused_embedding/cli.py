@@ -713,39 +713,47 @@ SIMULATOR_SHAPES = [(50, 3, 7, 5)]  # one OS thread per CUDA thread: keep it tin
 
 
 def _check_backend_reference(name, rng, simulator) -> list[dict]:
-    """One row per table dtype: every shape, axis, id dtype and mask against the reference."""
-    from .providers import DTYPE_NAMES
+    """One row per table dtype: every shape, axis, id dtype and mask against the reference,
+    then axis 2 again on read-only tables (the cached row-mean path), then the bounds check."""
+    from .providers import DTYPE_NAMES, read_only_copy
     from .reference import embedding_mean_reference
     from .validation import POISON, compare, random_inputs, tolerance
     module = backends.get(name)
     rows = []
     shapes = SIMULATOR_SHAPES if simulator else VALIDATE_SHAPES
-    for dtype_key, dtype in DTYPE_NAMES.items():
-        cases, failures = 0, []
-        for vocab, dim, batch, length in shapes:
-            for id_dtype in (np.int32, np.int64):
-                for axis in Axis:
-                    for mask_zero in (False, True):
-                        cases += 1
-                        label = f"V={vocab} D={dim} B={batch} L={length} {np.dtype(id_dtype).name} axis {int(axis)}" \
-                                + (" mask_zero" if mask_zero else "")
-                        table, ids = random_inputs(rng, vocab, dim, batch, length, dtype, id_dtype,
-                                                   padding_fraction=0.3 if mask_zero else 0.0)
-                        if mask_zero and length > 1:
-                            ids[0, :] = 0  # an all-padding bag: zeros, not NaN
-                        expected = embedding_mean_reference(table, ids, axis, mask_zero)
-                        try:
-                            out = _run_poisoned(module, table, ids, axis, mask_zero)
-                            if (out.astype(np.float64) == POISON).any():
-                                report = "output elements left unwritten"
-                            else:
-                                report = compare(out, expected, **tolerance(dtype))
-                        except Exception as exc:
-                            report = f"raised {type(exc).__name__}: {exc}"
-                        if report:
-                            failures.append(f"{label}: {report}")
-        rows.append(dict(backend=name, check="reference", dtype=dtype_key, cases=cases,
-                         failures=failures))
+    for check, axes, constant in (("reference", list(Axis), False),
+                                  ("reference, read-only table", [Axis.EMBEDDING], True)):
+        for dtype_key, dtype in DTYPE_NAMES.items():
+            cases, failures = 0, []
+            for vocab, dim, batch, length in shapes:
+                for id_dtype in (np.int32, np.int64):
+                    for axis in axes:
+                        for mask_zero in (False, True):
+                            cases += 1
+                            label = (f"V={vocab} D={dim} B={batch} L={length} {np.dtype(id_dtype).name} "
+                                     f"axis {int(axis)}" + (" mask_zero" if mask_zero else ""))
+                            table, ids = random_inputs(rng, vocab, dim, batch, length, dtype, id_dtype,
+                                                       padding_fraction=0.3 if mask_zero else 0.0)
+                            if mask_zero and length > 1:
+                                ids[0, :] = 0  # an all-padding bag: zeros, not NaN
+                            if constant:
+                                table = read_only_copy(table)
+                            expected = embedding_mean_reference(table, ids, axis, mask_zero)
+                            try:
+                                # Twice: a cache is built on the first call and used on the second.
+                                for _ in range(2 if constant else 1):
+                                    out = _run_poisoned(module, table, ids, axis, mask_zero)
+                                    if (out.astype(np.float64) == POISON).any():
+                                        report = "output elements left unwritten"
+                                    else:
+                                        report = compare(out, expected, **tolerance(dtype))
+                                    if report:
+                                        break
+                            except Exception as exc:
+                                report = f"raised {type(exc).__name__}: {exc}"
+                            if report:
+                                failures.append(f"{label}: {report}")
+            rows.append(dict(backend=name, check=check, dtype=dtype_key, cases=cases, failures=failures))
     # The bounds check: an id >= V names the id, its position and V.
     table, ids = random_inputs(rng, 50, 4, 3, 5)
     ids[1, 2] = 50
