@@ -283,9 +283,7 @@ def _rewrite_sequential(model, rewrite, backend):
     if not model.inputs:
         return keras.Sequential(layers, name=model.name)
     (model_input,) = model.inputs
-    if any(isinstance(layer, EmbeddingMean) for layer in layers) and layers:
-        first = layers[0]
-        if isinstance(first, EmbeddingMean):
-            _check_int_ids(model_input, first)
+    if layers and isinstance(layers[0], EmbeddingMean):
+        _check_int_ids(model_input, layers[0])
     new_input = keras.Input(batch_shape=model_input.shape, dtype=model_input.dtype)
     return keras.Sequential([new_input, *layers], name=model.name)
