@@ -7,7 +7,8 @@ Each group is one (B, L, D, V, dtype, axis) case; its rows are the providers of
 call takes the next of several fresh id sets so the rows come from DRAM, not
 the last-level cache. Each provider's output is checked against the float64
 reference on the benchmark's own shape before it is timed. ``extra_info`` holds
-the bytes model's traffic and the GB/s at the median.
+the bytes model's traffic and the GB/s at the median; the "copy baseline" group
+times the 256 MiB copy the command compares bandwidth with.
 
 The issue's shape (B=1024, L=64, D=128, V=1,000,000, fp32, uniform ids) is the
 first group; target for the ``fused[cpu]`` kernel there: 6 ms or less on the
@@ -15,7 +16,10 @@ first group; target for the ``fused[cpu]`` kernel there: 6 ms or less on the
 """
 import pytest
 
+import numpy as np
+
 from fused_embedding import providers as P
+from fused_embedding.bytes_model import copy_bytes
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import Axis
 from fused_embedding.validation import compare, tolerance
@@ -67,3 +71,13 @@ def test_provider(benchmark, tables, rng, case, provider):
     nbytes = P.case_bytes(inputs)
     benchmark.extra_info.update(bytes=nbytes, id_sets=n_sets,
                                 gb_per_s=P.gb_per_s(nbytes, benchmark.stats.stats.median))
+
+
+def test_copy_baseline(benchmark):
+    """The memory bandwidth the GB/s above are compared with: a 256 MiB np.copyto."""
+    src = np.ones(P.COPY_BYTES // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    benchmark.group = "copy baseline"
+    benchmark.pedantic(np.copyto, args=(dst, src), rounds=10, warmup_rounds=2, iterations=1)
+    nbytes = copy_bytes(P.COPY_BYTES)
+    benchmark.extra_info.update(bytes=nbytes, gb_per_s=P.gb_per_s(nbytes, benchmark.stats.stats.median))
