@@ -14,9 +14,8 @@ The issue's shape (B=1024, L=64, D=128, V=1,000,000, fp32, uniform ids) is the
 first group; target for the ``fused[cpu]`` kernel there: 6 ms or less on the
 2-core development machine.
 """
-import pytest
-
 import numpy as np
+import pytest
 
 from fused_embedding import providers as P
 from fused_embedding.bytes_model import copy_bytes
