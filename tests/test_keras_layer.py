@@ -7,12 +7,13 @@ keras = pytest.importorskip("keras")
 
 from fused_embedding.keras import EmbeddingMean, fuse, unfuse  # noqa: E402
 from fused_embedding.reference import embedding_mean_reference  # noqa: E402
-from fused_embedding.semantics import Axis  # noqa: E402
+from fused_embedding.semantics import BFLOAT16, Axis  # noqa: E402
 from fused_embedding.validation import assert_close, compare, random_inputs  # noqa: E402
 from test_tf_op import keras_pooled  # noqa: E402
 
 VOCAB, DIM, BATCH, LENGTH = 211, 19, 7, 11
 FORMATS = ["channels_last", "channels_first"]
+NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BFLOAT16}
 
 
 def text_classifier(data_format, mask_zero, dtype="float32"):
@@ -37,18 +38,18 @@ def padded_ids(rng, mask_zero, batch=BATCH):
     return ids
 
 
-@pytest.mark.parametrize("table_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("table_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("data_format", FORMATS)
 def test_layer_matches_keras_pair(rng, data_format, mask_zero, table_dtype):
-    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH, np.dtype(table_dtype),
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH, NP_DTYPES[table_dtype],
                                padding_fraction=0.3 if mask_zero else 0.0)
     layer = EmbeddingMean(VOCAB, DIM, data_format=data_format, mask_zero=mask_zero, dtype=table_dtype)
     layer.build((None, LENGTH))
     layer.embeddings.assign(table)
     out = layer(ids)
     assert out.dtype == table_dtype
-    assert_close(np.asarray(out), keras_pooled(table, ids, data_format, mask_zero), np.dtype(table_dtype),
+    assert_close(np.asarray(out), keras_pooled(table, ids, data_format, mask_zero), NP_DTYPES[table_dtype],
                  against="keras")
 
 
