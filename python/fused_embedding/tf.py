@@ -290,7 +290,10 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                     raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
                 out = tf.convert_to_tensor(out, dtype=table_value.dtype)
             else:
-                with tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
+                # Run the py_function where the table is (a GPU table placed on the host
+                # would be copied over on every call); ids follow it.
+                placement = tf.device(table_value.device) if table_value.device else contextlib.nullcontext()
+                with placement, tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
                     out = tf.py_function(
                         lambda t, i: _run_core(t, i, axis, mask_zero, backend),
                         [table_value, ids], table_value.dtype)
