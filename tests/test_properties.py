@@ -105,3 +105,85 @@ def test_host_backend_matches_reference(name, case):
 def test_gpu_backend_matches_reference(name, case):
     table, ids, axis, mask_zero = case
     check_backend(name, table, ids, axis, mask_zero)
+
+
+@st.composite
+def bad_id_cases(draw, vocab, batch, length):
+    """(table, ids with at least one id outside [0, V), the first bad (row, col) in row order)."""
+    v = draw(st.integers(1, vocab))
+    b = draw(st.integers(1, batch))
+    n = draw(st.integers(1, length))
+    id_dtype = draw(st.sampled_from(ID_DTYPES))
+    limit = np.iinfo(id_dtype)
+    bad_value = st.one_of(st.integers(v, v + 2), st.integers(-3, -1),
+                          st.integers(v, int(limit.max)), st.integers(int(limit.min), -1))
+    ids = draw(arrays(id_dtype, (b, n), elements=st.one_of(st.integers(0, v - 1), bad_value)))
+    row, col = draw(st.integers(0, b - 1)), draw(st.integers(0, n - 1))
+    ids[row, col] = draw(bad_value)  # at least one
+    bad = (ids < 0) | (ids >= v)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    table = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal((v, 3), dtype=np.float32)
+    return table, ids, first
+
+
+def check_first_bad_id_is_reported(name, table, ids, first, axis, mask_zero):
+    row, col = first
+    message = (rf"^id {ids[row, col]} at ids\[{row}, {col}\] is out of range for a table of "
+               rf"{table.shape[0]} rows")
+    out = poisoned(output_shape(axis, ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
+    with pytest.raises(IndexError, match=message):
+        backends.get(name).embedding_mean(table, ids, axis, mask_zero, out=out)
+
+
+@pytest.mark.parametrize("name", [backend_param("cpu"), backend_param("numpy")])
+@property_settings(limit_examples=200)
+@given(case=bad_id_cases(vocab=HOST_LIMITS["vocab"], batch=HOST_LIMITS["batch"], length=HOST_LIMITS["length"]),
+       axis=st.sampled_from([Axis.SEQUENCE, Axis.EMBEDDING]), mask_zero=st.booleans())
+def test_host_backend_reports_the_first_bad_id(name, case, axis, mask_zero):
+    """Any mix of bad ids (negative, >= V, up to the dtype's limits): the first in row order is named."""
+    check_first_bad_id_is_reported(name, *case, axis, mask_zero)
+
+
+@pytest.mark.parametrize("name", [backend_param("numba-cuda")])
+@property_settings(limit_examples=50)
+@given(case=bad_id_cases(vocab=SIMULATOR_LIMITS["vocab"], batch=SIMULATOR_LIMITS["batch"],
+                         length=SIMULATOR_LIMITS["length"]),
+       axis=st.sampled_from([Axis.SEQUENCE, Axis.EMBEDDING]), mask_zero=st.booleans())
+def test_gpu_backend_reports_the_first_bad_id(name, case, axis, mask_zero):
+    check_first_bad_id_is_reported(name, *case, axis, mask_zero)
+
+
+# Layouts the core op passes through unchanged: views with steps, Fortran order, reversed rows.
+LAYOUT_TRANSFORMS = {
+    "as is": lambda a: a,
+    "fortran": np.asfortranarray,
+    "reversed rows": lambda a: a[::-1],
+}
+
+
+@st.composite
+def strided_cases(draw, vocab, dim, batch, length):
+    """(table view, ids view, axis, mask_zero): random steps, orders and reversals over fresh data."""
+    table, ids, axis, mask_zero = draw(cases(vocab, dim, batch, length))
+    column_step = draw(st.integers(1, 3))
+    # A wider table read with a column step: the view has the drawn table's values.
+    wide = np.zeros((table.shape[0], table.shape[1] * column_step), table.dtype)
+    wide[:, ::column_step] = table
+    table_view = wide[:, ::column_step]
+    table_view = LAYOUT_TRANSFORMS[draw(st.sampled_from(sorted(LAYOUT_TRANSFORMS)))](table_view)
+    ids_view = LAYOUT_TRANSFORMS[draw(st.sampled_from(sorted(LAYOUT_TRANSFORMS)))](ids)
+    if draw(st.booleans()):
+        ids_view = ids_view.T.copy().T  # ids in Fortran order through a transpose
+    return table_view, ids_view, axis, mask_zero
+
+
+@pytest.mark.parametrize("name", [backend_param("cpu")])
+@property_settings(limit_examples=200)
+@given(case=strided_cases(**HOST_LIMITS))
+def test_public_op_on_strided_views_matches_reference(name, case):
+    """Whatever the strides of the caller's arrays, the public op gives the reference's result."""
+    table, ids, axis, mask_zero = case
+    expected = embedding_mean_reference(table, ids, axis, mask_zero)
+    result = fe.embedding_mean(table, ids, axis=int(axis), mask_zero=mask_zero, backend=name)
+    report = compare(result, expected, **tolerance(table.dtype))
+    assert report is None, report
