@@ -1,10 +1,11 @@
 """Numba CUDA kernels: gather rows of a (V, D) table by (B, L) ids and average, on the GPU.
 
 The table reaches the kernels as *words*: a (V, W) view of the same bytes in which
-one word holds ``E = D / W`` elements (float32 pairs as uint64; float16/bfloat16
-as uint64, uint32 or uint16 bit patterns; float32 itself when D is odd). Wider
+one word holds ``E = D / W`` elements: float32 pairs as uint64 (float32 itself
+when D is odd), bfloat16 as uint64, uint32 or uint16 bit patterns, float16 as
+float16 (converted by one hardware instruction; see ``_element_reader``). Wider
 words mean fewer, larger loads per gathered row; the backend picks the widest the
-row length and the table's alignment allow (``launch.gpu_launch``).
+row length and the table's alignment allow (``launch.gpu_word_bytes``).
 
 Axis 1 (``gather_mean_sequence``): a group of ``G`` lanes per bag (a warp for wide
 rows, a sub-warp for narrow ones), each lane owning ``K`` words of the row. The
@@ -50,11 +51,6 @@ IDS_PER_LANE_PER_STAGE = 4
 # Gathered rows whose loads are issued before any is summed (axis 1).
 ROWS_IN_FLIGHT = 4
 
-# 2**112: scales float16's exponent bias (15) to float32's (127) after the bits
-# are moved into float32 position; exact for normal and subnormal halves alike.
-_HALF_EXPONENT_SCALE = np.float32(2.0 ** 112)
-
-
 # --- bit casts: the one place the simulator needs a twin --------------------------------
 if SIMULATED:
     def float_from_bits(bits):
@@ -69,7 +65,7 @@ else:
 
     @cuda.jit(device=True, inline="always")
     def float_from_bits(bits):
-        return libdevice.int_as_float(np.int32(bits & 0xFFFFFFFF))
+        return libdevice.int_as_float(np.int32(bits))  # the cast keeps the low 32 bits
 
     @cuda.jit(device=True, inline="always")
     def bits_from_float(value):
@@ -78,20 +74,8 @@ else:
 
 # --- element formats -------------------------------------------------------------------
 @cuda.jit(device=True, inline="always")
-def half_bits_to_float(h):
-    """float32 value of IEEE float16 bits ``h`` (0..0xFFFF): normals, subnormals, inf, NaN."""
-    magnitude = h & 0x7FFF
-    if magnitude >= 0x7C00:  # inf / NaN: all-ones exponent, mantissa kept
-        value = float_from_bits(0x7F800000 | ((magnitude & 0x3FF) << 13))
-    else:
-        value = float_from_bits(magnitude << 13) * _HALF_EXPONENT_SCALE
-    if h & 0x8000:
-        value = -value
-    return value
-
-
-@cuda.jit(device=True, inline="always")
 def bfloat16_bits_to_float(h):
+    """float32 value of bfloat16 bits ``h`` (0..0xFFFF): the high half of a float32."""
     return float_from_bits(h << 16)
 
 
@@ -116,28 +100,35 @@ def float_to_float16(value):
 
 def _element_reader(fmt: int, elements_per_word: int, word_bits: int):
     """Device function (word, e) -> float32 value of element e of a word."""
-    if fmt == FORMAT_FLOAT32 and elements_per_word == 1:
+    if elements_per_word == 1 and fmt != FORMAT_BFLOAT16:
+        # float32, or float16 read as float16: the conversion is one hardware
+        # instruction (Numba has no bit cast from integers to float16, and decoding
+        # float16 bits in integer arithmetic costs more ALU than the load is worth).
         @cuda.jit(device=True, inline="always")
-        def read_float32(word, e):
+        def read_float(word, e):
             return np.float32(word)
-        return read_float32
+        return read_float
     if fmt == FORMAT_FLOAT32:  # two float32 in a uint64
         @cuda.jit(device=True, inline="always")
         def read_float32_pair(word, e):
-            return float_from_bits(int64((word >> np.uint64(32 * e)) & np.uint64(0xFFFFFFFF)))
+            return float_from_bits((word >> np.uint64(32 * e)) & np.uint64(0xFFFFFFFF))
         return read_float32_pair
-    widen = bfloat16_bits_to_float if fmt == FORMAT_BFLOAT16 else half_bits_to_float
     if elements_per_word == 1:
         @cuda.jit(device=True, inline="always")
-        def read_half(word, e):
-            return widen(int64(word))
-        return read_half
+        def read_bfloat16(word, e):
+            return bfloat16_bits_to_float(int64(word))
+        return read_bfloat16
     word_type = np.uint64 if word_bits == 64 else np.uint32
 
     @cuda.jit(device=True, inline="always")
-    def read_packed_half(word, e):
-        return widen(int64((word >> word_type(16 * e)) & word_type(0xFFFF)))
-    return read_packed_half
+    def read_packed_bfloat16(word, e):
+        # Element e is the high half of a float32 already: shift the even ones up,
+        # mask the odd ones in place.
+        unit = (word >> word_type(32 * (e // 2))) & word_type(0xFFFFFFFF)
+        if e % 2 == 0:
+            return float_from_bits(unit << word_type(16))
+        return float_from_bits(unit & word_type(0xFFFF0000))
+    return read_packed_bfloat16
 
 
 def _element_writer(fmt: int):
@@ -167,11 +158,10 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
     [blockIdx.y * lanes * words_per_lane, ...) of its row.
     """
     word = np.dtype(word_dtype)
-    elements = 1 if fmt == FORMAT_FLOAT32 and word == np.float32 else (
-        word.itemsize // 4 if fmt == FORMAT_FLOAT32 else word.itemsize // 2)
+    elements = word.itemsize // (4 if fmt == FORMAT_FLOAT32 else 2)
     read = _element_reader(fmt, elements, word.itemsize * 8)
     write = _element_writer(fmt)
-    zero_word = word.type(0)
+    word_type = word.type  # called in device code: a float16 constant captured here is invalid NVVM IR
     G, K, E = lanes, words_per_lane, elements
     bags_per_block = BLOCK_THREADS // G
     tile_words = G * K
@@ -183,7 +173,7 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
         # An uncounted row loads nothing: its zero word adds +0.0 in every format.
         if row >= 0 and c < n_words:
             return words[row, c]
-        return zero_word
+        return word_type(0)
 
     @cuda.jit(device=True, inline="always")
     def add(acc, k, w):
@@ -260,8 +250,7 @@ def make_gather_mean_embedding(fmt: int, word_dtype: str, lanes: int):
     of a block handles flat position blockIdx.x * positions_per_block + g.
     """
     word = np.dtype(word_dtype)
-    elements = 1 if fmt == FORMAT_FLOAT32 and word == np.float32 else (
-        word.itemsize // 4 if fmt == FORMAT_FLOAT32 else word.itemsize // 2)
+    elements = word.itemsize // (4 if fmt == FORMAT_FLOAT32 else 2)
     read = _element_reader(fmt, elements, word.itemsize * 8)
     write = _element_writer(fmt)
     G, E = lanes, elements

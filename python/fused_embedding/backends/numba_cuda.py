@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from .. import launch
-from ..semantics import BFLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
+from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
 from . import out_of_range_error
 
 DEVICE = "cuda"
 
-# Widest load the Numba kernels issue: a uint64 (two float32, four 16-bit floats).
-MAX_WORD_BYTES = 8
+# Widest load the Numba kernels issue: a uint64 (two float32, four bfloat16).
+# float16 is read as float16 (see kernels/cuda.py: the hardware converts it).
+MAX_WORD_BYTES = {FORMAT_FLOAT32: 8, FORMAT_FLOAT16: 2, FORMAT_BFLOAT16: 8}
 # CUDA 13 supports compute capability 7.5 (Turing) and newer.
 MIN_COMPUTE_CAPABILITY = (7, 5)
 
@@ -82,9 +83,9 @@ def element_dtype(dtype) -> np.dtype:
 
 
 def word_dtype(fmt: int, word_bytes: int, item_bytes: int) -> np.dtype:
-    """The dtype of one load: float32 for single float32s, else unsigned bits."""
+    """The dtype of one load: single float32s and float16s as themselves, else unsigned bits."""
     if word_bytes == item_bytes:
-        return np.dtype(np.float32) if fmt == FORMAT_FLOAT32 else np.dtype(np.uint16)
+        return np.dtype({FORMAT_FLOAT32: np.float32, FORMAT_FLOAT16: np.float16, FORMAT_BFLOAT16: np.uint16}[fmt])
     return np.dtype({2: np.uint16, 4: np.uint32, 8: np.uint64}[word_bytes])
 
 
@@ -139,7 +140,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     else:
         host_table = np.ascontiguousarray(table).view(elements)
         d_table, contiguous, address = None, True, 0  # a fresh device allocation is 256-byte aligned
-    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES) \
+    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES[fmt]) \
         if contiguous else dtype.itemsize
     word = word_dtype(fmt, word_bytes, dtype.itemsize)
     if table_on_device:
