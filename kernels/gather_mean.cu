@@ -23,6 +23,9 @@
 typedef unsigned long long u64;
 typedef long long i64;
 
+// Every lane of every warp reaches each shuffle (blocks are whole warps, trip counts are
+// the same for all lanes, no lane returns early), so the shuffles name the whole warp;
+// width G keeps each group's lanes to themselves.
 #define FULL_WARP 0xffffffffu
 #define ROWS_IN_FLIGHT 4
 
@@ -46,17 +49,28 @@ template <> struct Word<2> {
     static __device__ __forceinline__ unsigned unit(const T& w, int) { return w; }
 };
 
+// FUSED_EMBEDDING_HOST_EMULATION: tests/test_cuda_sources.py also compiles this file as host
+// C++ (one thread per CUDA thread, shuffles through a barrier) to run the kernels without a
+// GPU; only the two float16 conversions, inline PTX here, need a host twin there.
 __device__ __forceinline__ float half_bits_to_float(unsigned bits) {
+#ifdef FUSED_EMBEDDING_HOST_EMULATION
+    return host_half_bits_to_float(bits);
+#else
     float value;
     unsigned short h = (unsigned short)bits;
     asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(h));
     return value;
+#endif
 }
 
 __device__ __forceinline__ unsigned short float_to_half_bits(float value) {
+#ifdef FUSED_EMBEDDING_HOST_EMULATION
+    return host_float_to_half_bits(value);
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(value));
     return h;
+#endif
 }
 
 // Round to nearest even, as ml_dtypes and TF do; NaN stays a quiet NaN.
@@ -111,7 +125,6 @@ __global__ void gather_mean_sequence(const void* __restrict__ table, const void*
     const i64 b = (i64)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
     const i64 first_word = (i64)blockIdx.y * (G * K) + lane;
     const bool in_batch = b < batch;
-    const unsigned group_mask = G == 32 ? FULL_WARP : (((1u << G) - 1u) << ((threadIdx.x % 32) / G * G));
 
     float acc[K][F::E];
 #pragma unroll
@@ -143,7 +156,7 @@ __global__ void gather_mean_sequence(const void* __restrict__ table, const void*
             i64 rows[ROWS_IN_FLIGHT];
 #pragma unroll
             for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
-                const i64 r = __shfl_sync(group_mask, my_rows[(j + u) / G], (j + u) % G, G);
+                const i64 r = __shfl_sync(FULL_WARP, my_rows[(j + u) / G], (j + u) % G, G);
                 rows[u] = (j + u < n) ? r : -1;
                 count += rows[u] >= 0;
             }
@@ -188,7 +201,6 @@ __global__ void gather_mean_embedding(const void* __restrict__ table, const void
     const IdT* __restrict__ ids = static_cast<const IdT*>(ids_raw);
     const int lane = threadIdx.x % G;
     const i64 position = (i64)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
-    const unsigned group_mask = G == 32 ? FULL_WARP : (((1u << G) - 1u) << ((threadIdx.x % 32) / G * G));
     const bool in_range = position < batch * length;
 
     float total = 0.f;
@@ -197,7 +209,7 @@ __global__ void gather_mean_embedding(const void* __restrict__ table, const void
         // One lane checks the id (and records a bad one); the group shares the result.
         if (lane == 0) row = counted_row((i64)ids[position], vocab, mask_zero, position, bad_position);
     }
-    row = __shfl_sync(group_mask, row, 0, G);
+    row = __shfl_sync(FULL_WARP, row, 0, G);
     if (row >= 0) {
         const W* __restrict__ row_words = words + row * n_words;
         i64 c = lane;
@@ -215,7 +227,7 @@ __global__ void gather_mean_embedding(const void* __restrict__ table, const void
         }
     }
 #pragma unroll
-    for (int step = G / 2; step > 0; step /= 2) total += __shfl_xor_sync(group_mask, total, step, G);
+    for (int step = G / 2; step > 0; step /= 2) total += __shfl_xor_sync(FULL_WARP, total, step, G);
     if (in_range && lane == 0)
         F::store(out, position, row >= 0 ? total / (float)(n_words * F::E) : 0.f);
 }
