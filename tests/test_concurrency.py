@@ -174,3 +174,61 @@ def test_tf_op_from_8_threads(rng):
 
     failures = run_threads(call, cases)
     assert not failures, failures[:3]
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import multiprocessing, threading
+    import numpy as np
+    import fused_embedding as fe
+    from fused_embedding.reference import embedding_mean_reference
+    from fused_embedding.validation import compare, tolerance
+
+    def child(queue, table, ids):
+        reports = []
+        for axis in (1, 2):
+            for mask_zero in (False, True):
+                out = fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero, backend="cpu")
+                reports.append(compare(out, embedding_mean_reference(table, ids, axis, mask_zero),
+                                       **tolerance(table.dtype)))
+        queue.put([r for r in reports if r])
+
+    if __name__ == "__main__":
+        rng = np.random.default_rng({seed})
+        table = rng.standard_normal((500, 24), dtype=np.float32)
+        ids = rng.integers(0, 500, (40, 9))
+        for axis in (1, 2):  # the parent has used the parallel kernels (and so its threading layer)
+            fe.embedding_mean(table, ids, axis=axis, backend="cpu")
+        # A thread still calling the op while the fork happens: its lock must not stay held in the child.
+        busy = threading.Thread(target=lambda: [fe.embedding_mean(table, ids, backend="cpu") for _ in range(2000)])
+        busy.start()
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        workers = [context.Process(target=child, args=(queue, table, ids)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join({timeout})
+        busy.join()
+        print("exit codes:", [worker.exitcode for worker in workers])
+        print("reports:", [queue.get(timeout=5) for _ in workers])
+""")
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_forked_workers_after_the_parent_used_the_op(rng, layer):
+    """multiprocessing's "fork" workers (Linux's default before Python 3.14) after the parent ran the op.
+
+    Numba kills a child forked from a process that has used GNU OpenMP at its
+    first parallel launch; the cpu backend runs serial kernels in such a child.
+    """
+    env = dict(os.environ)
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    script = FORK_SCRIPT.format(seed=int(rng.integers(2**32)), timeout=JOIN_TIMEOUT_S)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=JOIN_TIMEOUT_S + 60)
+    output = f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, output
+    assert "exit codes: [0, 0]" in result.stdout, output
+    assert "reports: [[], []]" in result.stdout, output
+

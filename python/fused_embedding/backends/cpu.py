@@ -1,6 +1,8 @@
 """The "cpu" backend: Numba kernels, parallel over bags, on host arrays."""
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -35,8 +37,49 @@ _launch_lock = threading.Lock()
 _serialise_launches = None  # None until the first launch has picked the layer
 
 
+# GNU OpenMP can't run in a process forked from one that has used it: Numba
+# kills such a child ("fork() called from a process already using GNU OpenMP")
+# at its first parallel launch, as multiprocessing's default start method on
+# Linux meets whenever the parent used the op before starting its workers. A
+# child forked like that runs serial twins of the kernels instead (compiled
+# there on first use; one core per worker process).
+_forked_from_gnu_openmp = False
+_serial_twins = {}
+
+
+def _after_fork_in_child():
+    global _forked_from_gnu_openmp, _launch_lock
+    _launch_lock = threading.Lock()  # one held by another parent thread would stay held here
+    if "numba" not in sys.modules:
+        return
+    import numba
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel launch in the parent: the child starts its own layer
+        return
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        _forked_from_gnu_openmp = omppool.openmp_vendor == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serial_twin(kernel):
+    """The kernel compiled without parallel=True (prange runs as range): no threading layer."""
+    twin = _serial_twins.get(kernel)
+    if twin is None:
+        from numba import njit
+        options = {k: v for k, v in kernel.targetoptions.items() if k in ("nogil", "fastmath")}
+        twin = _serial_twins[kernel] = njit(**options)(kernel.py_func)
+    return twin
+
+
 def _launch(kernel, *args):
     global _serialise_launches
+    if _forked_from_gnu_openmp:
+        _serial_twin(kernel)(*args)
+        return
     if _serialise_launches is False:
         kernel(*args)
         return
