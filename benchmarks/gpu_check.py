@@ -65,8 +65,8 @@ WARMUP = 3
 CALLS_PER_SAMPLE = 5
 MAX_SAMPLES = 20
 SECONDS_PER_MEASUREMENT = 2.5
-TIMING_BUDGET_S = 140
-VALIDATION_BUDGET_S_PER_BACKEND = 60
+TIMING_BUDGET_S = 120
+VALIDATION_BUDGET_S_PER_BACKEND = 50
 COPY_BYTES = 1 << 30
 
 TARGETS = {
@@ -75,26 +75,70 @@ TARGETS = {
 
 
 # --- set-up: paths, CUDA, the package without installing ------------------------------
+# A kernel compiled and run in a child process: numba-cuda's set-up (driver, NVVM,
+# libdevice) is probed before this process imports numba, so CUDA_HOME can still be set.
+SMOKE_TEST = """
+import numpy as np
+from numba import cuda
+@cuda.jit
+def add_one(x):
+    i = cuda.grid(1)
+    if i < x.size:
+        x[i] += 1.0
+x = cuda.to_device(np.zeros(64, np.float32))
+add_one[1, 64](x)
+assert (x.copy_to_host() == 1.0).all()
+print("ok")
+"""
+
+
 def prepare_environment(simulate: bool) -> list[str]:
     """Environment switches that must precede the first numba import; returns notes."""
     notes = []
     if simulate:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    # numba-cuda finds NVVM/libdevice/NVRTC through cuda-pathfinder (pip "nvidia-*"
-    # wheels) or CUDA_HOME; point it at the toolkit nvcc belongs to when unset.
-    if not simulate and "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
-        nvcc = shutil.which("nvcc")
-        home = Path(os.path.realpath(nvcc)).parents[1] if nvcc else Path("/usr/local/cuda")
-        if (home / "nvvm").is_dir():
-            os.environ["CUDA_HOME"] = str(home)
-            notes.append(f"CUDA_HOME set to {home} (the toolkit of {nvcc or 'the default path'})")
-    # numba-cuda on CUDA 12/13 needs NVIDIA's cuda-python bindings; the old ctypes
-    # binding does not know CUDA 13. Leave the user's choice alone if set.
-    os.environ.setdefault("NUMBA_CUDA_USE_NVIDIA_BINDING", "1")
     warnings.filterwarnings("ignore", message=".*Grid size.*")          # tiny validation grids
     warnings.filterwarnings("ignore", message=".*Host array used in CUDA kernel.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if simulate:
+        return notes
+    # numba-cuda finds NVVM/libdevice through cuda-pathfinder (pip "nvidia-*" wheels)
+    # or CUDA_HOME. Only when its own search fails, point it at nvcc's toolkit.
+    first = smoke_test()
+    if first is None:
+        return notes
+    nvcc = shutil.which("nvcc")
+    home = Path(os.path.realpath(nvcc)).parents[1] if nvcc else Path("/usr/local/cuda")
+    if "CUDA_HOME" not in os.environ and (home / "nvvm").is_dir():
+        os.environ["CUDA_HOME"] = str(home)
+        second = smoke_test()
+        if second is None:
+            notes.append(f"numba-cuda's own search failed ({last_error(first)}); "
+                         f"CUDA_HOME={home} (nvcc's toolkit) works and is used")
+            return notes
+        del os.environ["CUDA_HOME"]
+    notes.append("numba-cuda cannot compile and run a kernel here: " + last_error(first)
+                 + ". Hints: set CUDA_HOME to a CUDA toolkit holding nvvm/ (or pip install the nvidia-nvvm / "
+                   "nvidia-cuda-nvcc wheels); on CUDA 13 numba-cuda needs cuda-bindings 13 "
+                   "(pip install 'numba-cuda[cu13]'); CUDA 13 needs a GPU of compute capability >= 7.5.")
     return notes
+
+
+def last_error(output: str) -> str:
+    """The last line of a traceback that names an error, else its last line."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "error" in line]
+    return (named or lines or ["no output"])[-1][:400]
+
+
+def smoke_test() -> str | None:
+    """None if a numba-cuda kernel compiles and runs in a child process, else its error output."""
+    import subprocess
+    try:
+        run = subprocess.run([sys.executable, "-c", SMOKE_TEST], capture_output=True, text=True, timeout=120)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if run.returncode == 0 and "ok" in run.stdout else (run.stderr or run.stdout or "no output")
 
 
 def import_package() -> list[str]:
@@ -165,6 +209,7 @@ class Report:
 
 def environment(report, simulate, notes):
     import numpy as np
+    report.say("== environment")
     env = report.data["environment"]
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["python"] = platform.python_version()
@@ -199,7 +244,6 @@ def environment(report, simulate, notes):
         torch, _ = optional("torch")
         if torch is not None and torch.cuda.is_available() and "device" in env:
             env["torch_device"] = torch.cuda.get_device_name()
-    report.say("== environment")
     for key, value in env.items():
         report.say(f"{key:>16}: {value}")
     for text in notes:
@@ -373,29 +417,57 @@ class DeviceTable:
 
 
 class Timer:
-    """CUDA events on the legacy default stream, which numba, CuPy and PyTorch all launch on here."""
+    """CUDA events on the legacy default stream, which numba, CuPy and PyTorch all launch on here.
 
-    def __init__(self, cuda):
-        self.cuda = cuda
+    Events come from the first of numba-cuda, CuPy, PyTorch that works.
+    """
+
+    def __init__(self, torch, cupy):
+        self.name = None
+        for name, make in (("numba-cuda", self._numba), ("cupy", lambda: self._cupy(cupy)),
+                           ("torch", lambda: self._torch(torch))):
+            try:
+                make()
+                self.event()  # raises where the framework has no working GPU
+                self.name = name
+                return
+            except Exception:
+                continue
+
+    def _numba(self):
+        from numba import cuda
+        self.event = lambda: cuda.event(timing=True)
+        self.synchronize = cuda.synchronize
+        self.elapsed_ms = cuda.event_elapsed_time
+
+    def _cupy(self, cupy):
+        self.event = cupy.cuda.Event
+        self.synchronize = cupy.cuda.runtime.deviceSynchronize
+        self.elapsed_ms = cupy.cuda.get_elapsed_time
+
+    def _torch(self, torch):
+        self.event = lambda: torch.cuda.Event(enable_timing=True)
+        self.synchronize = torch.cuda.synchronize
+        self.elapsed_ms = lambda start, end: start.elapsed_time(end)
 
     def measure(self, fn, budget_s=SECONDS_PER_MEASUREMENT):
         """(median ms per call, calls timed): WARMUP calls, then up to MAX_SAMPLES samples
         of CALLS_PER_SAMPLE calls fn(i) each."""
         for i in range(WARMUP):
             fn(i)
-        self.cuda.synchronize()
+        self.synchronize()
         per_call = []
         stop_at = time.monotonic() + budget_s
         call = 0
         for _ in range(MAX_SAMPLES):
-            start, end = self.cuda.event(timing=True), self.cuda.event(timing=True)
+            start, end = self.event(), self.event()
             start.record()
             for _ in range(CALLS_PER_SAMPLE):
                 fn(call)
                 call += 1
             end.record()
             end.synchronize()
-            per_call.append(self.cuda.event_elapsed_time(start, end) / CALLS_PER_SAMPLE)
+            per_call.append(self.elapsed_ms(start, end) / CALLS_PER_SAMPLE)
             if time.monotonic() > stop_at and len(per_call) >= 5:
                 break
         return statistics.median(per_call), call
@@ -403,7 +475,7 @@ class Timer:
 
 def run_timings(report, deadline):
     """Times every provider on every TIMED_CONFIGS entry; returns the copy bandwidth (GB/s)."""
-    from numba import cuda
+    cuda, _ = optional("numba.cuda")
     report.say("\n== timings (CUDA events, median; GB/s = bytes_model.fused_bytes / time)")
     torch, torch_error = optional("torch")
     cupy, cupy_error = optional("cupy")
@@ -413,8 +485,12 @@ def run_timings(report, deadline):
         report.note(f"torch missing ({torch_error}): torch baselines and bfloat16 tables skipped")
     if cupy is None:
         report.note(f"cupy missing ({cupy_error}): CuPy baselines skipped")
-    timer = Timer(cuda)
-    copy_gbs = measure_copy(report, timer, cuda)
+    timer = Timer(torch, cupy)
+    if timer.name is None:
+        report.note("no framework here can record CUDA events (numba-cuda, CuPy, PyTorch): timings skipped")
+        return float("nan")
+    report.say(f"events and copy from {timer.name}")
+    copy_gbs = measure_copy(report, timer, torch, cupy)
     header = f"{'config':<18} {'provider':<34} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'calls':>5}"
     report.say(header)
     report.say("-" * len(header))
@@ -433,15 +509,25 @@ def run_timings(report, deadline):
     return copy_gbs
 
 
-def measure_copy(report, timer, cuda):
+def measure_copy(report, timer, torch, cupy):
     """Bandwidth (GB/s, read + write) of a 1 GiB device-to-device copy: the roof for every number."""
     import numpy as np
 
     from fused_embedding import bytes_model
     try:
-        source = cuda.device_array(COPY_BYTES // 4, np.float32)
-        target = cuda.device_array(COPY_BYTES // 4, np.float32)
-        ms, calls = timer.measure(lambda i: target.copy_to_device(source))
+        if timer.name == "numba-cuda":
+            from numba import cuda
+            source = cuda.device_array(COPY_BYTES // 4, np.float32)
+            target = cuda.device_array(COPY_BYTES // 4, np.float32)
+            ms, calls = timer.measure(lambda i: target.copy_to_device(source))
+        elif timer.name == "cupy":
+            source = cupy.zeros(COPY_BYTES // 4, cupy.float32)
+            target = cupy.empty_like(source)
+            ms, calls = timer.measure(lambda i: cupy.copyto(target, source))
+        else:
+            source = torch.zeros(COPY_BYTES // 4, device="cuda")
+            target = torch.empty_like(source)
+            ms, calls = timer.measure(lambda i: target.copy_(source))
     except Exception as exc:
         report.note(f"copy bandwidth not measured: {type(exc).__name__}: {exc}")
         return float("nan")
