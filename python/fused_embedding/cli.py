@@ -455,7 +455,7 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
         if m["status"] == "ok" and times:
             stats = P.summarize(times)
             gbs = P.gb_per_s(nbytes, stats["median_ms"] / 1e3)
-            m.update(stats, times_ms=[round(t * 1e3, 4) for t in times], bytes=nbytes, gb_per_s=gbs,
+            m.update(stats, times_ms=[t * 1e3 for t in times], bytes=nbytes, gb_per_s=gbs,
                      pct_of_copy=100 * gbs / copy["gb_per_s"] if copy.get("gb_per_s") else None)
     timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
     baseline = next((timed[name] for name in P.BASELINES[case["device"]] if name in timed), None)
@@ -625,50 +625,59 @@ def update_results_md(text: str | None, device: str, block: str) -> str:
 
 
 def plot(results, path: Path) -> None:
-    """A PNG: speedup over the unfused path and % of copy bandwidth, by case, per provider."""
+    """A PNG: speedup over the unfused path (top) and % of copy bandwidth (bottom), by shape,
+    one column per device and axis, one bar per provider."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    devices = list(dict.fromkeys(m["device"] for m in results["measurements"])) or ["cpu"]
-    fig, axes = plt.subplots(2, len(devices), figsize=(max(8, 11 * len(devices)), 9), squeeze=False)
-    for col, device in enumerate(devices):
-        ok = [m for m in results["measurements"] if m["device"] == device and m["status"] == "ok"]
-        cases = list(dict.fromkeys((m["batch"], m["length"], m["dim"], m["vocab"], m["dtype"], m["axis"])
-                                   for m in ok))
-        providers = list(dict.fromkeys(m["provider"] for m in ok))
-        width = 0.8 / max(1, len(providers))
-        labels = [f"B{b} L{l} D{d}\n{dt} axis {ax}" for b, l, d, _, dt, ax in cases]
-        for row, (key, title) in enumerate([("speedup_vs_unfused",
-                                             f"speedup over {_baseline_text(results, device)} (x, log)"),
-                                            ("pct_of_copy", "% of copy bandwidth")]):
+    from .providers import all_providers
+    ok = [m for m in results["measurements"] if m["status"] == "ok"]
+    panels = list(dict.fromkeys((m["device"], m["axis"]) for m in ok)) or [("cpu", 1)]
+    order = {p.name: i for i, p in enumerate(all_providers())}
+    providers = sorted({m["provider"] for m in ok}, key=lambda name: order.get(name, len(order)))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(providers)}
+    widest = max([len({_plot_case(m) for m in ok if (m["device"], m["axis"]) == p}) for p in panels] + [1])
+    fig, axes = plt.subplots(2, len(panels), figsize=(max(7.0, 0.9 * widest + 2) * len(panels), 9),
+                             squeeze=False)
+    for col, (device, axis) in enumerate(panels):
+        mine = [m for m in ok if (m["device"], m["axis"]) == (device, axis)]
+        cases = list(dict.fromkeys(_plot_case(m) for m in mine))
+        here = [p for p in providers if any(m["provider"] == p for m in mine)]
+        width = 0.8 / max(1, len(here))
+        for row, (key, title) in enumerate([
+                ("speedup_vs_unfused", f"speedup over {_baseline_text(results, device)} (x)"),
+                ("pct_of_copy", "% of copy bandwidth (bytes model)")]):
             ax = axes[row][col]
-            for i, provider in enumerate(providers):
-                values = {(m["batch"], m["length"], m["dim"], m["vocab"], m["dtype"], m["axis"]): m.get(key)
-                          for m in ok if m["provider"] == provider}
-                ys = [values.get(c) or 0.0 for c in cases]
-                ax.bar(np.arange(len(cases)) + (i - (len(providers) - 1) / 2) * width, ys, width,
-                       label=provider)
+            for i, provider in enumerate(here):
+                values = {_plot_case(m): m.get(key) for m in mine if m["provider"] == provider}
+                ys = [values.get(c) or np.nan for c in cases]
+                ax.bar(np.arange(len(cases)) + (i - (len(here) - 1) / 2) * width, ys, width,
+                       label=provider, color=colors[provider])
             ax.set_xticks(np.arange(len(cases)))
-            ax.set_xticklabels(labels, fontsize=7)
-            ax.set_title(f"{device.upper()}: {title}")
-            if key == "speedup_vs_unfused":
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-                ax.tick_params(axis="y", which="minor", labelsize=7)
-                ax.axhline(1.0, color="black", linewidth=0.8)
-            else:
-                ax.axhline(100.0, color="black", linewidth=0.8)
+            ax.set_xticklabels(cases, fontsize=7, rotation=30, ha="right")
+            ax.set_title(f"{device.upper()} axis {axis}: {title}", fontsize=10)
+            ax.set_yscale("log")  # speedups and % span decades; 1x and 100% are the lines to read
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            # Minor labels help within the decade or two of speedups; across the many
+            # decades of % they would overlap.
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g") if row == 0
+                                         else matplotlib.ticker.NullFormatter())
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.axhline(1.0 if row == 0 else 100.0, color="black", linewidth=0.8)
             ax.grid(axis="y", alpha=0.3)
-        axes[0][col].legend(fontsize=8, ncol=2)
+        axes[0][col].legend(fontsize=7, ncol=2)
     machine = results["machine"]
     fig.suptitle(f"fused-embedding bench: {machine['cpu']} ({machine['cores']} cores)"
                  + (f", {machine['gpu']}" if machine.get("gpu") else "") + f", {results['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def _plot_case(m) -> str:
+    return f"B{m['batch']} L{m['length']} D{m['dim']} {m['dtype']}"
 
 
 def _write_atomic(path: Path, write) -> None:
