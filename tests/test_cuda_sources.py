@@ -196,14 +196,15 @@ def emulated_launch(table_dtype, id_dtype, shape, axis, offset):
     return name, config
 
 
-@pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory):
-    """The CUDA C kernels built as a host library with one C entry point per emulated case."""
+def build_host_kernels(folder: Path, names) -> tuple:
+    """(library, {kernel name: index}): the CUDA C kernels as host C++, entry point run_<index> per name.
+
+    run_<index>(grid x, grid y, block, then the kernel's own arguments) -> 1 if lanes diverged.
+    """
     if GXX is None:
         pytest.skip("g++ is not installed: the CUDA C kernels cannot be run on the host")
-    folder = tmp_path_factory.mktemp("host_kernels")
+    names = sorted(set(names))
     lines = [HOST_PRELUDE, f'#include "{KERNELS / cupy_backend.SOURCE_FILE}"']
-    names = sorted({emulated_launch(t, i, s, a, o)[0] for t, i, s, a, _, o in EMULATED_CASES + BOUNDS_CASES})
     for index, name in enumerate(names):
         lines.append(f'extern "C" int run_{index}(unsigned gx, unsigned gy, unsigned block, const void* table, '
                      f'const void* ids, long long b, long long l, long long v, long long w, int mask, void* out, '
@@ -215,7 +216,18 @@ def host_kernels(tmp_path_factory):
     build = subprocess.run([GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-x", "c++", str(source),
                             "-o", str(library)], capture_output=True, text=True)
     assert build.returncode == 0, f"the kernels do not build as host C++:\n{build.stderr[-4000:]}"
-    return ctypes.CDLL(str(library)), {name: index for index, name in enumerate(names)}
+    library = ctypes.CDLL(str(library))
+    for index in range(len(names)):
+        getattr(library, f"run_{index}").argtypes = [ctypes.c_uint] * 3 + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_longlong] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    return library, {name: index for index, name in enumerate(names)}
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """The kernels of every emulated case, built for the host."""
+    return build_host_kernels(tmp_path_factory.mktemp("host_kernels"),
+                              [emulated_launch(t, i, s, a, o)[0] for t, i, s, a, _, o in EMULATED_CASES + BOUNDS_CASES])
 
 
 def run_on_host(host_kernels, table, ids, axis, mask_zero, offset=0):
@@ -235,8 +247,6 @@ def run_on_host(host_kernels, table, ids, axis, mask_zero, offset=0):
     ids = np.ascontiguousarray(ids)
     grid = tuple(config.grid) + (1,) * (2 - len(config.grid))
     run = getattr(library, f"run_{entry[name]}")
-    run.argtypes = [ctypes.c_uint] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_longlong] * 4 + \
-        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     diverged = run(grid[0], grid[1], config.block, placed.ctypes.data, ids.ctypes.data, batch, length, vocab,
                    config.words_per_row, int(mask_zero), out.ctypes.data, bad.ctypes.data)
     assert diverged == 0, f"{name}: lanes of a warp reached different shuffles"

@@ -189,3 +189,134 @@ def test_gpu_check_script_passes_in_simulate_mode(tmp_path):
     assert "PASS" in output and "FAIL" not in output
     assert "timings skipped" in output
     assert (tmp_path / "gpu_check.json").exists() and (tmp_path / "gpu_check.md").exists()
+
+
+# --- the cupy backend's host code, on the CUDA C kernels run on the host --------------------
+# CuPy needs a GPU. Its backend's host code (word choice, launch shape, kernel name, the
+# argument list, the error flag, copies in and out) is checked here with a NumPy stand-in
+# for the few CuPy calls it makes, whose RawModule runs the real CUDA C kernels built for
+# the host (tests/test_cuda_sources.py). Results are checked against the float64 reference.
+class StandInArray:
+    """What the backend uses of cupy.ndarray, over host memory."""
+
+    def __init__(self, host, dtype=None):
+        self.host = host
+        self.dtype = np.dtype(dtype or host.dtype)  # a bfloat16 table on a GPU reports bfloat16
+        self.__cuda_array_interface__ = {"shape": host.shape, "typestr": host.dtype.str,
+                                         "data": (host.ctypes.data, False), "strides": None, "version": 3}
+
+    shape = property(lambda self: self.host.shape)
+    ndim = property(lambda self: self.host.ndim)
+    flags = property(lambda self: self.host.flags)
+    data = property(lambda self: type("Memory", (), {"ptr": self.host.ctypes.data})())
+
+    def view(self, dtype):
+        return StandInArray(self.host.view(dtype))
+
+    def get(self, out=None):
+        if out is None:
+            return self.host.copy()
+        out[...] = self.host
+        return out
+
+    def __getitem__(self, index):
+        return StandInArray(np.asarray(self.host[index]))
+
+
+def cupy_stand_in(library, entries):
+    import types
+
+    class Device:
+        id = 0
+
+        def __init__(self, *_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            assert "gather_mean_sequence" in code and name_expressions
+
+        def get_function(self, name):
+            run = getattr(library, f"run_{entries[name]}")
+
+            def launch(grid, block, args):
+                grid = tuple(grid) + (1,) * (2 - len(grid))
+                pointers = [a.host.ctypes.data if isinstance(a, StandInArray) else int(a) for a in args]
+                assert run(grid[0], grid[1], block[0], *pointers) == 0, f"{name}: lanes diverged"
+            return launch
+
+    def asarray(array):
+        return array if isinstance(array, StandInArray) else StandInArray(np.array(array, order="C"))
+
+    return types.SimpleNamespace(
+        ndarray=StandInArray, int64=np.int64, asarray=asarray, ascontiguousarray=asarray,
+        empty=lambda shape, dtype: StandInArray(np.empty(shape, dtype)),
+        full=lambda n, value, dtype: StandInArray(np.full(n, value, dtype)),
+        RawModule=RawModule, cuda=types.SimpleNamespace(Device=Device))
+
+
+# (table dtype, id dtype, (V, D, B, L), axis, mask_zero, on_device)
+STAND_IN_CASES = [
+    (np.float32, np.int64, (300, 128, 9, 7), 1, True, False),
+    (np.float16, np.int32, (60, 16, 5, 37), 1, False, False),
+    (BFLOAT16, np.int64, (300, 64, 3, 4), 2, True, False),
+    (np.float32, np.int32, (40, 3, 2, 9), 2, False, True),
+    (BFLOAT16, np.int64, (50, 129, 2, 3), 1, True, True),
+]
+
+
+@pytest.fixture
+def stand_in_cupy(tmp_path, monkeypatch):
+    from test_cuda_sources import build_host_kernels, emulated_launch
+
+    from fused_embedding.backends import cupy as cupy_backend
+    names = [emulated_launch(t, i, s, a, 0)[0] for t, i, s, a, _, _ in STAND_IN_CASES]
+    names += [emulated_launch(np.float32, np.int64, (50, 4, 6, 7), axis, 0)[0] for axis in (1, 2)]
+    library, entries = build_host_kernels(tmp_path, names)
+    monkeypatch.setitem(sys.modules, "cupy", cupy_stand_in(library, entries))
+    cupy_backend._kernel.cache_clear()
+    yield cupy_backend
+    cupy_backend._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("table_dtype, id_dtype, shape, axis, mask_zero, on_device", STAND_IN_CASES,
+                         ids=lambda v: np.dtype(v).name if isinstance(v, (type, np.dtype)) else str(v))
+def test_cupy_backend_host_code(rng, stand_in_cupy, table_dtype, id_dtype, shape, axis, mask_zero, on_device):
+    table, ids = random_inputs(rng, *shape, table_dtype, id_dtype, padding_fraction=0.3 if mask_zero else 0.0)
+    if mask_zero:
+        ids[0, 0] = 0
+        table[0, :] = np.nan
+    expected = embedding_mean_reference(table, ids, axis, mask_zero)
+    if on_device:
+        elements = np.uint16 if np.dtype(table_dtype).itemsize == 2 else np.float32
+        device_table = StandInArray(table.view(elements), dtype=table_dtype)
+        result = stand_in_cupy.embedding_mean(device_table, StandInArray(ids), Axis(axis), mask_zero)
+        assert isinstance(result, StandInArray)  # stays on the device
+        out = result.get().view(table_dtype)
+    else:
+        out = run_backend_module(stand_in_cupy, table, ids, axis, mask_zero)
+    assert not unwritten(out).any()
+    assert_close(out, expected, table_dtype)
+
+
+def run_backend_module(module, table, ids, axis, mask_zero):
+    out = poisoned(output_shape(Axis(axis), ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
+    assert module.embedding_mean(table, ids, Axis(axis), mask_zero, out=out) is out
+    return out
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_cupy_backend_raises_for_the_first_bad_id(rng, stand_in_cupy, axis):
+    table, ids = random_inputs(rng, 50, 4, 6, 7, id_dtype=np.int64)
+    ids[5, 0] = -3
+    ids[4, 5] = 50
+    with pytest.raises(IndexError, match=r"id 50 at ids\[4, 5\] is out of range for a table of 50 rows"):
+        stand_in_cupy.embedding_mean(table, ids, Axis(axis), False)
+    empty = stand_in_cupy.embedding_mean(table, ids[:0], Axis(axis), False)
+    assert isinstance(empty, np.ndarray) and empty.shape == ((0, 4) if axis == 1 else (0, 7))
