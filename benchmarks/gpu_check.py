@@ -199,11 +199,30 @@ class Report:
         self.data["validation"].append(dict(backend=backend, case=label, status=status, detail=detail))
         self.say(f"{status}  {backend:<10} {label}" + (f"  -- {detail}" if detail else ""))
 
+    def markdown(self) -> str:
+        """Ready to paste into benchmarks/RESULTS.md: card and date, the timings, the targets, the full log."""
+        env, summary = self.data["environment"], self.data.get("summary", {})
+        lines = [f"### {env.get('device', '?')}, {env.get('date', '?')}", "",
+                 f"numba-cuda {env.get('numba_cuda')}, CuPy {env.get('cupy')}, PyTorch {env.get('torch')}, "
+                 f"CUDA driver {env.get('cuda_driver', '?')}. Validation: {summary.get('passed', 0)} passed, "
+                 f"{summary.get('failed', 0)} failed, {summary.get('skipped', 0)} skipped.", ""]
+        timed = [r for r in self.data["timings"] if "ms" in r]
+        if timed:
+            lines += ["| config | provider | ms | GB/s | % of copy |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['config']} | {r['provider']} | {r['ms']:.3f} | {r['gbs']:.0f} | {r['pct_copy']:.0f}% |"
+                      for r in timed]
+            lines.append("")
+        for target in self.data["targets"]:
+            value = "not measured" if target["value"] is None else f"{target['value']:.2f}"
+            lines.append(f"- {target['target']}: {value} (goal {target['goal']}): {target['status']}")
+        lines += ["", "<details><summary>full output</summary>", "", "```", *self.lines, "```", "", "</details>", ""]
+        return "\n".join(lines)
+
     def write(self, folder: str):
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str))
-        (out / "gpu_check.md").write_text("```\n" + "\n".join(self.lines) + "\n```\n")
+        (out / "gpu_check.md").write_text(self.markdown())
         print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
 
 
