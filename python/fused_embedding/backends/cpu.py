@@ -10,7 +10,7 @@ import numpy as np
 from .. import launch, row_mean_cache
 from ..semantics import Axis, table_format, output_shape
 from . import raise_first_bad_id
-from .numpy import os_physical_memory
+from .numpy import host_memory_available
 
 DEVICE = "cpu"
 
@@ -24,7 +24,7 @@ def unavailable_reason() -> str | None:
 
 
 def memory_limit_bytes() -> int:
-    return os_physical_memory()
+    return host_memory_available()
 
 
 # Numba's "workqueue" threading layer (its fallback where neither TBB nor OpenMP

@@ -44,8 +44,8 @@ def unavailable_reason() -> str | None:
 
 def memory_limit_bytes() -> int:
     import cupy
-    _, total = cupy.cuda.runtime.memGetInfo()
-    return int(total)
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    return int(free) + int(cupy.get_default_memory_pool().free_bytes())  # the pool's spare blocks are reusable
 
 
 def kernel_source() -> str:

@@ -48,11 +48,11 @@ def unavailable_reason() -> str | None:
 
 def memory_limit_bytes() -> int:
     if _simulated():
-        from .numpy import os_physical_memory
-        return os_physical_memory()
+        from .numpy import host_memory_available
+        return host_memory_available()
     from numba import cuda
-    _, total = cuda.current_context().get_memory_info()
-    return int(total)
+    free, _ = cuda.current_context().get_memory_info()
+    return int(free)
 
 
 def _on_device(array) -> bool:

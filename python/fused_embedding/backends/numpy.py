@@ -18,12 +18,22 @@ def unavailable_reason() -> str | None:
 
 
 def memory_limit_bytes() -> int:
-    return os_physical_memory()
+    return host_memory_available()
 
 
-def os_physical_memory() -> int:
+def host_memory_available() -> int:
+    """Bytes the host can still hand out: MemAvailable, not the total, so an
+    output that fits the machine but not what is free now fails before it is
+    allocated instead of being killed while the kernel writes it."""
     import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):
