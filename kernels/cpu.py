@@ -19,11 +19,6 @@ from numba import njit, prange
 from .cpu_rows import sum_vector_columns
 from .cpu_scalars import elements_per_cache_line, prefetch, store, widen
 
-# Rows fetched ahead of the ones being summed: far enough to cover DRAM latency,
-# near enough that the lines are still in L1/L2 when used (measured: 8-32 rows
-# all within noise of each other, none prefetch 1.4x slower; benchmarks/NOTES.md).
-PREFETCH_ROWS = 16
-CACHE_LINE_BYTES = 64
 
 
 @njit(inline="always")
@@ -55,19 +50,30 @@ def _collect_rows(ids, b, vocab, mask_zero, rows, bad_position):
     return count
 
 
+@njit(inline="always")
+def _store_means(out, b, acc, count, fmt):
+    """out[b, :] = acc / count, or the empty-bag zeros (branch outside the loop so it vectorises)."""
+    if count:
+        divisor = np.float32(count)
+        for d in range(out.shape[1]):
+            store(out, b, d, acc[d] / divisor, fmt)
+    else:
+        for d in range(out.shape[1]):
+            store(out, b, d, np.float32(0.0), fmt)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_position):
+def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
     """out[b, :] = mean of table[ids[b, l], :] over the counted positions l.  [B][D]
 
     Columns go in passes of 128 and then 16 with the accumulators in vector
     registers (kernels/cpu_rows.py); the first pass prefetches the rows
-    PREFETCH_ROWS ahead. The last D % 16 columns, or all of a table that is not
+    rows_ahead ahead (launch.cpu_rows_ahead). The last D % 16 columns, or all of a table that is not
     C-contiguous, take a scalar pass. ids must be C-contiguous.
     """
     batch, length = ids.shape
     vocab, dim = table.shape
     flat_ids = ids.reshape(-1)
-    row_lines = (dim * table.itemsize + CACHE_LINE_BYTES - 1) // CACHE_LINE_BYTES
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
     for chunk in prange(n_chunks):
         acc = np.empty(dim, dtype=np.float32)   # [D], one per chunk
@@ -75,11 +81,11 @@ def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_po
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
         end = last * length
-        _prefetch_rows(table, flat_ids, first * length, min(end, first * length + PREFETCH_ROWS))
+        _prefetch_rows(table, flat_ids, first * length, min(end, first * length + rows_ahead))
         for b in range(first, last):
             count = _collect_rows(ids, b, vocab, mask_zero, rows, bad_position)
-            ahead = b * length + PREFETCH_ROWS
-            col = sum_vector_columns(table, rows, count, fmt, flat_ids, ahead, end, row_lines, acc)
+            ahead = b * length + rows_ahead
+            col = sum_vector_columns(table, rows, count, fmt, flat_ids, ahead, end, acc)
             if col < dim:
                 acc[col:] = 0.0
                 for k in range(count):
@@ -88,8 +94,7 @@ def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_po
                     r = rows[k]
                     for d in range(col, dim):
                         acc[d] += widen(table[r, d], fmt)
-            for d in range(dim):
-                store(out, b, d, acc[d] / np.float32(count) if count else np.float32(0.0), fmt)
+            _store_means(out, b, acc, count, fmt)
 
 
 @njit(inline="always", fastmath={"reassoc"})
@@ -102,7 +107,7 @@ def _row_mean(table, r, fmt):
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_position):
+def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
     """out[b, l] = mean over d of table[ids[b, l], d]; padding gives 0.  [B][L]"""
     batch, length = ids.shape
     vocab = table.shape[0]
@@ -115,7 +120,7 @@ def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, out, bad_p
         for b in range(first, last):
             bad_position[b] = -1
             for l in range(length):
-                p = b * length + l + PREFETCH_ROWS
+                p = b * length + l + rows_ahead
                 _prefetch_rows(table, flat_ids, p, min(end, p + 1))
                 r = ids[b, l]
                 if r < 0 or r >= vocab:

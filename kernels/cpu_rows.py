@@ -5,9 +5,10 @@ keeps the accumulator in memory: a load and a store per 16 floats per row,
 which also shrinks how many rows the out-of-order core can have in flight.
 These intrinsics emit the loop themselves: ``n_vectors`` <16 x float> phi
 registers, one 16-wide load (and widening, for 16-bit tables) per vector per
-row, every cache line of the row ``PREFETCH_ROWS`` ahead prefetched in the same
-iteration, and one store of the sums when the bag ends. Measured against the
-array-accumulator loop in benchmarks/NOTES.md.
+row, the lines of the same columns of the row a fixed distance ahead prefetched
+in the same iteration (a fixed, unrolled count: a loop over a run-time count of
+lines cost more than the prefetch saved on narrow rows), and one store of the
+sums when the bag ends. Measured in benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 LANES = 16  # floats per vector: one cache line of float32, one zmm register
+CACHE_LINE_BYTES = 64
 FORMAT_BFLOAT16 = 2  # same codes as fused_embedding.semantics.TABLE_FORMATS
 
 
@@ -35,20 +37,20 @@ def _widen(builder, raw, elem_type, fmt):
 
 def _make_sum_rows(n_vectors: int):
     @intrinsic
-    def sum_rows(typingctx, table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
-                 prefetch_lines, acc):
+    def sum_rows(typingctx, table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc):
         """acc[col:col + 16*n] = sum over k < count of table[rows[k], col:col + 16*n] (float32).
 
-        While summing row k, prefetches prefetch_lines cache lines of the row
-        ahead_ids[ahead_start + k] if ahead_start + k < ahead_stop.
+        While summing row k, prefetches the same columns of row
+        ahead_ids[ahead_start + k] if ahead_start + k < ahead_stop: every pass
+        fetches its own column block ahead, with a fixed, unrolled count of lines.
         """
         if not (isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C"
                 and table.dtype in (types.float32, types.uint16)):
             return None
 
         def codegen(context, builder, sig, args):
-            (table_v, rows_v, count_v, col_v, fmt_v, ahead_v, start_v, stop_v, lines_v, acc_v) = args
-            (table_t, rows_t, count_t, col_t, fmt_t, ahead_t, start_t, stop_t, lines_t, acc_t) = sig.args
+            (table_v, rows_v, count_v, col_v, fmt_v, ahead_v, start_v, stop_v, acc_v) = args
+            (table_t, rows_t, count_t, col_t, fmt_t, ahead_t, start_t, stop_t, acc_t) = sig.args
             i64 = ir.IntType(64)
             i8p = ir.IntType(8).as_pointer()
 
@@ -67,7 +69,6 @@ def _make_sum_rows(n_vectors: int):
             count_i = as_i64(count_v, count_t)
             col_bytes = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, item))
             start_i, stop_i = as_i64(start_v, start_t), as_i64(stop_v, stop_t)
-            lines_i = as_i64(lines_v, lines_t)
             fmt_i = as_i64(fmt_v, fmt_t)
             base = builder.bitcast(table_a.data, i8p)
             pf_fn = cgutils.get_or_insert_function(
@@ -78,7 +79,6 @@ def _make_sum_rows(n_vectors: int):
             loop = builder.append_basic_block("rows.loop")
             body = builder.append_basic_block("rows.body")
             prefetch_bb = builder.append_basic_block("rows.prefetch")
-            prefetch_loop = builder.append_basic_block("rows.prefetch.loop")
             after_prefetch = builder.append_basic_block("rows.after_prefetch")
             done = builder.append_basic_block("rows.done")
             builder.branch(loop)
@@ -108,19 +108,12 @@ def _make_sum_rows(n_vectors: int):
 
             builder.position_at_end(prefetch_bb)
             ahead_row = as_i64(builder.load(builder.gep(ahead_a.data, [ahead_pos])), ahead_t.dtype)
-            ahead_ptr = builder.gep(base, [builder.mul(ahead_row, row_stride)])
-            builder.branch(prefetch_loop)
-
-            builder.position_at_end(prefetch_loop)
-            line = builder.phi(i64, "line")
-            line.add_incoming(ir.Constant(i64, 0), prefetch_bb)
-            next_line = builder.add(line, ir.Constant(i64, 1))
-            with builder.if_then(builder.icmp_signed("<", line, lines_i)):
-                i32 = ir.IntType(32)
-                builder.call(pf_fn, [builder.gep(ahead_ptr, [builder.mul(line, ir.Constant(i64, 64))]),
+            ahead_ptr = builder.gep(base, [builder.add(builder.mul(ahead_row, row_stride), col_bytes)])
+            i32 = ir.IntType(32)
+            for line in range(-(-n_vectors * LANES * item // CACHE_LINE_BYTES)):
+                builder.call(pf_fn, [builder.gep(ahead_ptr, [ir.Constant(i64, line * CACHE_LINE_BYTES)]),
                                      ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            line.add_incoming(next_line, builder.basic_block)
-            builder.cbranch(builder.icmp_signed("<", next_line, lines_i), prefetch_loop, after_prefetch)
+            builder.branch(after_prefetch)
 
             builder.position_at_end(after_prefetch)
             k_next = builder.add(k, ir.Constant(i64, 1))
@@ -137,38 +130,52 @@ def _make_sum_rows(n_vectors: int):
                 builder.store(accs[v], builder.bitcast(ptr, vec_f32.as_pointer()), align=4)
             return context.get_dummy_value()
 
-        return types.none(*[table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
-                            prefetch_lines, acc]), codegen
+        return types.none(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc), codegen
     return sum_rows
 
 
-sum_rows_x8 = _make_sum_rows(8)  # 128 columns per pass
-sum_rows_x1 = _make_sum_rows(1)  # 16 columns per pass
+# One intrinsic per pass width (1 to 8 vectors), so a row takes as few passes as
+# possible: 128 columns at a time, then one pass over the rest that fill whole
+# vectors (measured: D=96 as 64 + 32 in two passes ran 1.4x slower than torch's
+# one; NOTES.md).
+sum_rows_x1, sum_rows_x2, sum_rows_x3, sum_rows_x4, sum_rows_x5, sum_rows_x6, sum_rows_x7, sum_rows_x8 = (
+    _make_sum_rows(n) for n in range(1, 9))
 
 
-def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
     """Sum the bag's rows into acc for the leading columns that fill whole vectors.
 
     Returns the first column left for a scalar pass (D % 16 columns, or all of
-    them for a table that isn't C-contiguous). The first pass prefetches.
+    them for a table that isn't C-contiguous).
     """
 
 
 @overload(sum_vector_columns, inline="always")
-def _sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+def _sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
     if not (isinstance(table, types.Array) and table.layout == "C"):
-        return lambda table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc: 0
+        return lambda table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
 
-    def impl(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, row_lines, acc):
+    def impl(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
         dim = table.shape[1]
         col = 0
         while col + 8 * LANES <= dim:
-            sum_rows_x8(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
-                        row_lines if col == 0 else 0, acc)
+            sum_rows_x8(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc)
             col += 8 * LANES
-        while col + LANES <= dim:
-            sum_rows_x1(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop,
-                        row_lines if col == 0 else 0, acc)
-            col += LANES
-        return col
+        vectors = (dim - col) // LANES
+        args = (table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc)
+        if vectors == 7:
+            sum_rows_x7(*args)
+        elif vectors == 6:
+            sum_rows_x6(*args)
+        elif vectors == 5:
+            sum_rows_x5(*args)
+        elif vectors == 4:
+            sum_rows_x4(*args)
+        elif vectors == 3:
+            sum_rows_x3(*args)
+        elif vectors == 2:
+            sum_rows_x2(*args)
+        elif vectors == 1:
+            sum_rows_x1(*args)
+        return col + vectors * LANES
     return impl

@@ -106,9 +106,10 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     bad_position = np.empty(batch, dtype=np.int64)
     fmt = table_format(table.dtype)
     bags_per_chunk = launch.cpu_bags_per_chunk(batch, get_num_threads())
+    rows_ahead = launch.cpu_rows_ahead(table.shape[1] * table.dtype.itemsize)
     if axis is Axis.SEQUENCE:
         _launch(kernels.gather_mean_sequence, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                _bits(out), bad_position)
+                rows_ahead, _bits(out), bad_position)
     else:
         means = row_mean_cache.row_means(table, _row_means)
         if means is not None:  # a constant table: B*L scalar reads
@@ -116,7 +117,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
                     _bits(out), bad_position)
         else:
             _launch(kernels.gather_mean_embedding, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                    _bits(out), bad_position)
+                    rows_ahead, _bits(out), bad_position)
     raise_first_bad_id(bad_position, ids, table.shape[0])
     return out
 
