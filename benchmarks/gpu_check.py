@@ -79,6 +79,8 @@ TARGETS = {
 # libdevice) is probed before this process imports numba, so CUDA_HOME can still be set.
 SMOKE_TEST = """
 import numpy as np
+if not hasattr(np, "row_stack"):  # the same NumPy 2.5 shim as fused_embedding.kernels
+    np.row_stack = np.vstack
 from numba import cuda
 @cuda.jit
 def add_one(x):

@@ -2,8 +2,10 @@
 
 The table reaches the kernels as *words*: a (V, W) view of the same bytes in which
 one word holds ``E = D / W`` elements: float32 pairs as uint64 (float32 itself
-when D is odd), bfloat16 as uint64, uint32 or uint16 bit patterns, float16 as
-float16 (converted by one hardware instruction; see ``_element_reader``). Wider
+when D is odd), bfloat16 and float16 as uint64 or uint32 bit patterns (a lone
+float16 as float16, converted by one hardware instruction; see ``_element_reader``),
+measured on an H200: float16 read 2 bytes at a time ran at 46% of copy
+bandwidth, bfloat16 in 8-byte words at 71% (benchmarks/RESULTS.md). Wider
 words mean fewer, larger loads per gathered row; the backend picks the widest the
 row length and the table's alignment allow (``launch.gpu_word_bytes``).
 
@@ -80,6 +82,21 @@ def bfloat16_bits_to_float(h):
 
 
 @cuda.jit(device=True, inline="always")
+def float16_bits_to_float(h):
+    """float32 value of float16 bits ``h`` (0..0xFFFF), in integer arithmetic.
+
+    Shifting exponent and mantissa into float32 position and scaling by 2^112
+    rebiases the exponent (15 -> 127) for normal and subnormal halves alike;
+    inf and NaN (exponent 31) are built directly.
+    """
+    if (h & 0x7C00) == 0x7C00:
+        magnitude = float_from_bits(0x7F800000 | ((h & 0x3FF) << 13))
+    else:
+        magnitude = float_from_bits((h & 0x7FFF) << 13) * float32(5.192296858534828e+33)  # 2^112
+    return -magnitude if h & 0x8000 else magnitude
+
+
+@cuda.jit(device=True, inline="always")
 def float_to_bfloat16_bits(value):
     """Round to nearest even, as ml_dtypes and TF do; NaN stays a quiet NaN.  -> uint16"""
     bits = bits_from_float(value)
@@ -101,9 +118,8 @@ def float_to_float16(value):
 def _element_reader(fmt: int, elements_per_word: int, word_bits: int):
     """Device function (word, e) -> float32 value of element e of a word."""
     if elements_per_word == 1 and fmt != FORMAT_BFLOAT16:
-        # float32, or float16 read as float16: the conversion is one hardware
-        # instruction (Numba has no bit cast from integers to float16, and decoding
-        # float16 bits in integer arithmetic costs more ALU than the load is worth).
+        # float32, or a lone float16 (D odd, or an unaligned table) read as float16:
+        # the conversion is one hardware instruction.
         @cuda.jit(device=True, inline="always")
         def read_float(word, e):
             return np.float32(word)
@@ -119,6 +135,11 @@ def _element_reader(fmt: int, elements_per_word: int, word_bits: int):
             return bfloat16_bits_to_float(int64(word))
         return read_bfloat16
     word_type = np.uint64 if word_bits == 64 else np.uint32
+    if fmt == FORMAT_FLOAT16:
+        @cuda.jit(device=True, inline="always")
+        def read_packed_float16(word, e):
+            return float16_bits_to_float(int64((word >> word_type(16 * e)) & word_type(0xFFFF)))
+        return read_packed_float16
 
     @cuda.jit(device=True, inline="always")
     def read_packed_bfloat16(word, e):
