@@ -531,10 +531,50 @@ def run_timings(report, deadline):
             continue
         try:
             time_config(report, timer, config, copy_gbs, torch, cupy, cuda, deadline)
+            if config == TIMED_CONFIGS[0]:
+                call_breakdown(report, torch, cupy, cuda, config)
         except Exception as exc:
             report.note(f"{config[0]}: stopped: {type(exc).__name__}: {exc}")
         free_memory(torch, cupy)
     return copy_gbs
+
+
+def call_breakdown(report, torch, cupy, cuda, config, calls=50):
+    """Where a whole call's time goes, per backend: host clock around each step, device
+    synchronised before and after (so it is latency, not throughput)."""
+    import numpy as np
+
+    from fused_embedding import api, backends
+    from fused_embedding.semantics import Axis
+    label, dtype_name, dim, batch, length, axis = config
+    setup = make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length)
+    table, id_sets = setup["table"], setup["ids"]
+    report.say(f"\n== whole-call breakdown, {label} (host ms per step, median of {calls}; device idle at each start)")
+    for name in ("numba-cuda", "cupy"):
+        if backends.unavailable_reason(name) is not None:
+            continue
+        module = backends.get(name)
+        steps = {"core checks": [], "prepare": [], "launch": [], "kernel (sync)": [], "finish": []}
+        for i in range(calls):
+            ids = id_sets[i % ID_SETS]
+            cuda.synchronize()
+            t0 = time.perf_counter()
+            api._check_inputs(table, ids, False)
+            api.choose_backend(name, api.device_of(table), api.device_of(ids))
+            t1 = time.perf_counter()
+            call = module.prepare(table, ids, Axis(axis), False)
+            t2 = time.perf_counter()
+            call.launch()
+            t3 = time.perf_counter()
+            cuda.synchronize()
+            t4 = time.perf_counter()
+            call.finish()
+            t5 = time.perf_counter()
+            for key, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                steps[key].append(value * 1e3)
+        report.say(f"  {name:<11} " + "  ".join(f"{key} {np.median(v):.3f}" for key, v in steps.items()))
+        report.data.setdefault("breakdown", []).append(
+            dict(config=label, backend=name, **{key: float(np.median(v)) for key, v in steps.items()}))
 
 
 def measure_copy(report, timer, torch, cupy):

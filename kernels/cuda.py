@@ -83,17 +83,18 @@ def bfloat16_bits_to_float(h):
 
 @cuda.jit(device=True, inline="always")
 def float16_bits_to_float(h):
-    """float32 value of float16 bits ``h`` (0..0xFFFF), in integer arithmetic.
+    """float32 value of float16 bits ``h`` (a uint32 holding 0..0xFFFF), in 32-bit integer ops.
 
     Shifting exponent and mantissa into float32 position and scaling by 2^112
     rebiases the exponent (15 -> 127) for normal and subnormal halves alike;
-    inf and NaN (exponent 31) are built directly.
+    inf and NaN (exponent 31) are built directly; the sign bit is moved last.
+    (64-bit integer operations are two instructions each on the GPU: kept out.)
     """
-    if (h & 0x7C00) == 0x7C00:
-        magnitude = float_from_bits(0x7F800000 | ((h & 0x3FF) << 13))
-    else:
-        magnitude = float_from_bits((h & 0x7FFF) << 13) * float32(5.192296858534828e+33)  # 2^112
-    return -magnitude if h & 0x8000 else magnitude
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+        return float_from_bits(sign | np.uint32(0x7F800000) | ((h & np.uint32(0x3FF)) << np.uint32(13)))
+    magnitude = float_from_bits((h & np.uint32(0x7FFF)) << np.uint32(13)) * float32(5.192296858534828e+33)  # 2^112
+    return float_from_bits(sign | bits_from_float(magnitude))
 
 
 @cuda.jit(device=True, inline="always")
@@ -138,7 +139,8 @@ def _element_reader(fmt: int, elements_per_word: int, word_bits: int):
     if fmt == FORMAT_FLOAT16:
         @cuda.jit(device=True, inline="always")
         def read_packed_float16(word, e):
-            return float16_bits_to_float(int64((word >> word_type(16 * e)) & word_type(0xFFFF)))
+            unit = np.uint32((word >> word_type(32 * (e // 2))) & word_type(0xFFFFFFFF))
+            return float16_bits_to_float((unit >> np.uint32(16 * (e % 2))) & np.uint32(0xFFFF))
         return read_packed_float16
 
     @cuda.jit(device=True, inline="always")

@@ -12,6 +12,7 @@ from .semantics import ID_DTYPES, TABLE_FORMATS, Axis, output_shape
 log = logging.getLogger("fused_embedding")
 
 BACKEND_ENV_VAR = "FUSED_EMBEDDING_BACKEND"
+MEMORY_CHECK_MIN_BYTES = 64 << 20
 
 # DLPack device types that live on an NVIDIA GPU (kDLCUDA, kDLCUDAHost is host).
 _DLPACK_CUDA = 2
@@ -127,7 +128,10 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
     batch, length = ids.shape
     shape = output_shape(axis, batch, length, table.shape[1])
     out_bytes = shape[0] * shape[1] * np.dtype(table.dtype).itemsize
-    limit = module.memory_limit_bytes()
+    # Asking a device for its free memory costs a driver call; an output under
+    # MEMORY_CHECK_MIN_BYTES that still doesn't fit fails in the allocator with
+    # that library's out-of-memory error, before the kernel runs.
+    limit = module.memory_limit_bytes() if out_bytes >= MEMORY_CHECK_MIN_BYTES else out_bytes
     if out_bytes > limit:
         raise MemoryError(f"the output {shape} {np.dtype(table.dtype)} needs {out_bytes / 2**30:.1f} GiB, "
                           f"more than the {limit / 2**30:.1f} GiB the {name!r} backend's device has")
