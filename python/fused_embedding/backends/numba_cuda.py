@@ -161,8 +161,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     else:
         host_out = out
         d_out = cuda.to_device(out.view(elements))  # keeps what the caller put there (poison)
-    bad_position = _device_empty((1,), np.int64)
-    bad_position[:] = batch * length  # "no bad id": the kernel atomically lowers it
+    bad_position = _device_full(batch * length)  # "no bad id": the kernel atomically lowers it
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
     if axis is Axis.SEQUENCE:
@@ -209,6 +208,21 @@ def _device_empty(shape, dtype):
         return cuda.device_array(shape, dtype)
     # The view keeps the CuPy array alive; nothing was written to it, so no sync.
     return cuda.as_cuda_array(cupy.empty(shape, dtype), sync=False)
+
+
+def _device_full(value):
+    """A one-element int64 device array holding value.
+
+    Numba's ``array[:] = value`` launches a Numba assignment kernel through its
+    dispatcher (the largest part of the 0.44 ms the call spent preparing on an
+    H200, benchmarks/RESULTS.md); CuPy fills from its pool with one small launch.
+    """
+    from numba import cuda
+    try:
+        import cupy
+    except ImportError:
+        return cuda.to_device(np.array([value], dtype=np.int64))
+    return cuda.as_cuda_array(cupy.full((1,), value, dtype=np.int64), sync=False)
 
 
 def _device_result(d_out, dtype, table):
