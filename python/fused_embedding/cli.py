@@ -157,7 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
         "bench", help="validate, then time the fused op against TF, Keras and PyTorch",
         description="Validate every provider on small inputs, then time each on both axes over a "
                     "sweep of B, L, D and table dtype: median ms (p20/p80), GB/s from the bytes "
-                    "model, %% of the bandwidth of a large copy measured in the same run, speedup "
+                    "model, percent of the bandwidth of a large copy measured in the same run, speedup "
                     "over the unfused TF path (PyTorch's where TensorFlow is missing).")
     bench.add_argument("--device", choices=["cpu", "gpu", "all"], default="all",
                        help="where to run: cpu, gpu, or all (default: the CPU, and the GPU when one is present)")
