@@ -9,7 +9,9 @@ host raises after the launch (no second pass over the ids).
 
 Arrays: table [V][D] float32 or uint16 bits of float16/bfloat16 (``fmt``);
 ids [B][L] int32/int64; out float32 or uint16 bits in the table's format.
-Compiled once per signature and cached on disk (``cache=True``).
+Compiled once per signature and cached on disk (``cache=True``). Numba keys that
+cache on this file alone: after editing cpu_rows.py or cpu_scalars.py, delete
+kernels/__pycache__/*.nb[ic] or the old machine code keeps running.
 """
 from __future__ import annotations
 

@@ -13,31 +13,30 @@ sums when the bag ends. Measured in benchmarks/NOTES.md.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 LANES = 16  # floats per vector: one cache line of float32, one zmm register
 CACHE_LINE_BYTES = 64
-FORMAT_BFLOAT16 = 2  # same codes as fused_embedding.semantics.TABLE_FORMATS
+FORMAT_FLOAT32, FORMAT_FLOAT16, FORMAT_BFLOAT16 = 0, 1, 2  # as fused_embedding.semantics.TABLE_FORMATS
 
 
-def _widen(builder, raw, elem_type, fmt):
-    """<16 x float> from a loaded <16 x elem>: float32 as is; 16-bit bits by format."""
+def _widen(builder, raw, elem_type, fmt: int):
+    """<16 x float> from a loaded <16 x elem>: float32 as is; 16-bit bits in format fmt."""
     vec_f32 = ir.VectorType(ir.FloatType(), LANES)
     if isinstance(elem_type, ir.FloatType):
         return raw
-    as_half = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES)), vec_f32)
-    wide = builder.zext(raw, ir.VectorType(ir.IntType(32), LANES))
-    shifted = builder.shl(wide, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [16] * LANES))
-    as_bf16 = builder.bitcast(shifted, vec_f32)
-    is_bf16 = builder.icmp_signed("==", fmt, ir.Constant(fmt.type, FORMAT_BFLOAT16))
-    return builder.select(is_bf16, as_bf16, as_half)
+    if fmt == FORMAT_BFLOAT16:
+        wide = builder.zext(raw, ir.VectorType(ir.IntType(32), LANES))
+        shifted = builder.shl(wide, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [16] * LANES))
+        return builder.bitcast(shifted, vec_f32)
+    return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES)), vec_f32)
 
 
-def _make_sum_rows(n_vectors: int):
+def _make_sum_rows(n_vectors: int, fmt: int):
     @intrinsic
-    def sum_rows(typingctx, table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+    def sum_rows(typingctx, table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc):
         """acc[col:col + 16*n] = sum over k < count of table[rows[k], col:col + 16*n] (float32).
 
         While summing row k, prefetches the same columns of row
@@ -49,8 +48,8 @@ def _make_sum_rows(n_vectors: int):
             return None
 
         def codegen(context, builder, sig, args):
-            (table_v, rows_v, count_v, col_v, fmt_v, ahead_v, start_v, stop_v, acc_v) = args
-            (table_t, rows_t, count_t, col_t, fmt_t, ahead_t, start_t, stop_t, acc_t) = sig.args
+            (table_v, rows_v, count_v, col_v, ahead_v, start_v, stop_v, acc_v) = args
+            (table_t, rows_t, count_t, col_t, ahead_t, start_t, stop_t, acc_t) = sig.args
             i64 = ir.IntType(64)
             i8p = ir.IntType(8).as_pointer()
 
@@ -69,7 +68,6 @@ def _make_sum_rows(n_vectors: int):
             count_i = as_i64(count_v, count_t)
             col_bytes = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, item))
             start_i, stop_i = as_i64(start_v, start_t), as_i64(stop_v, stop_t)
-            fmt_i = as_i64(fmt_v, fmt_t)
             base = builder.bitcast(table_a.data, i8p)
             pf_fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32)] + [ir.IntType(32)] * 2),
@@ -102,7 +100,7 @@ def _make_sum_rows(n_vectors: int):
                 ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES * item)]),
                                       vec_raw.as_pointer())
                 raw = builder.load(ptr, align=item)
-                new_accs.append(builder.fadd(accs[v], _widen(builder, raw, elem_type, fmt_i)))
+                new_accs.append(builder.fadd(accs[v], _widen(builder, raw, elem_type, fmt)))
             ahead_pos = builder.add(start_i, k)
             builder.cbranch(builder.icmp_signed("<", ahead_pos, stop_i), prefetch_bb, after_prefetch)
 
@@ -130,16 +128,50 @@ def _make_sum_rows(n_vectors: int):
                 builder.store(accs[v], builder.bitcast(ptr, vec_f32.as_pointer()), align=4)
             return context.get_dummy_value()
 
-        return types.none(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc), codegen
+        return types.none(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc), codegen
     return sum_rows
 
 
-# One intrinsic per pass width (1 to 8 vectors), so a row takes as few passes as
-# possible: 128 columns at a time, then one pass over the rest that fill whole
-# vectors (measured: D=96 as 64 + 32 in two passes ran 1.4x slower than torch's
-# one; NOTES.md).
-sum_rows_x1, sum_rows_x2, sum_rows_x3, sum_rows_x4, sum_rows_x5, sum_rows_x6, sum_rows_x7, sum_rows_x8 = (
-    _make_sum_rows(n) for n in range(1, 9))
+def _make_sum_columns(fmt: int):
+    """An inlined function that sums a bag's rows over the columns filling whole vectors,
+    with intrinsics specialised for one table format (a run-time format select in the
+    loop measured 1.3x slower for float16 than float32; NOTES.md).
+
+    One intrinsic per pass width (1 to 8 vectors), so a row takes as few passes as
+    possible: 128 columns at a time, then one pass over the rest that fill whole
+    vectors (measured: D=96 as 64 + 32 in two passes ran 1.4x slower than torch's one).
+    """
+    x1, x2, x3, x4, x5, x6, x7, x8 = (_make_sum_rows(n, fmt) for n in range(1, 9))
+
+    @njit(inline="always")
+    def sum_columns(table, rows, count, ahead_ids, ahead_start, ahead_stop, acc):
+        dim = table.shape[1]
+        col = 0
+        while col + 8 * LANES <= dim:
+            x8(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+            col += 8 * LANES
+        vectors = (dim - col) // LANES
+        if vectors == 7:
+            x7(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 6:
+            x6(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 5:
+            x5(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 4:
+            x4(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 3:
+            x3(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 2:
+            x2(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 1:
+            x1(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        return col + vectors * LANES
+    return sum_columns
+
+
+_sum_columns_float32 = _make_sum_columns(FORMAT_FLOAT32)
+_sum_columns_float16 = _make_sum_columns(FORMAT_FLOAT16)
+_sum_columns_bfloat16 = _make_sum_columns(FORMAT_BFLOAT16)
 
 
 def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
@@ -154,28 +186,13 @@ def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_st
 def _sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
     if not (isinstance(table, types.Array) and table.layout == "C"):
         return lambda table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
+    if table.dtype == types.float32:
+        def float32_rows(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+            return _sum_columns_float32(table, rows, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return float32_rows
 
-    def impl(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-        dim = table.shape[1]
-        col = 0
-        while col + 8 * LANES <= dim:
-            sum_rows_x8(table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc)
-            col += 8 * LANES
-        vectors = (dim - col) // LANES
-        args = (table, rows, count, col, fmt, ahead_ids, ahead_start, ahead_stop, acc)
-        if vectors == 7:
-            sum_rows_x7(*args)
-        elif vectors == 6:
-            sum_rows_x6(*args)
-        elif vectors == 5:
-            sum_rows_x5(*args)
-        elif vectors == 4:
-            sum_rows_x4(*args)
-        elif vectors == 3:
-            sum_rows_x3(*args)
-        elif vectors == 2:
-            sum_rows_x2(*args)
-        elif vectors == 1:
-            sum_rows_x1(*args)
-        return col + vectors * LANES
-    return impl
+    def half_width_rows(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+        if fmt == FORMAT_BFLOAT16:
+            return _sum_columns_bfloat16(table, rows, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return _sum_columns_float16(table, rows, count, ahead_ids, ahead_start, ahead_stop, acc)
+    return half_width_rows
