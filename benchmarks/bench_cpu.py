@@ -10,7 +10,7 @@ reference on the benchmark's own shape before it is timed. ``extra_info`` holds
 the bytes model's traffic and the GB/s at the median; the "copy baseline" group
 times the 256 MiB copy the command compares bandwidth with.
 
-The issue's shape (B=1024, L=64, D=128, V=1,000,000, fp32, uniform ids) is the
+The headline shape (B=1024, L=64, D=128, V=1,000,000, fp32, uniform ids) is the
 first group; target for the ``fused[cpu]`` kernel there: 6 ms or less on the
 2-core development machine.
 """

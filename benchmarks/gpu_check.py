@@ -15,7 +15,7 @@
    CuPy and in PyTorch, and a device-to-device copy, all in this run, with CUDA
    events (warm-up, median of many, id sets rotated so the rows touched exceed
    L2). GB/s come from bytes_model.fused_bytes; % is of the copy's bandwidth.
-   Then the issue's targets, each met or not met.
+   Then the speed targets, each met or not met.
 4. With OUT set, writes gpu_check.json and gpu_check.md there.
 
 Needs numba-cuda; CuPy and PyTorch are optional (reported "missing"). Imports
@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The main shape and its variants: (label, dtype name, D, B, L, axis).
+# The headline shape and its variants: (label, dtype name, D, B, L, axis).
 V_TIMED = 4_000_000
 MAIN = ("fp32 D=128", "float32", 128, 65536, 32, 1)
 TIMED_CONFIGS = [

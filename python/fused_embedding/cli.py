@@ -29,9 +29,10 @@ from .semantics import Axis
 
 DEFAULT_VOCAB = 1_000_000
 
-# (B, L, D, V, table dtype). The shape in the three table dtypes, then a
-# sweep in float32: a single-bag latency case, small and large batches, short and
-# long bags, narrow and wide rows. Tables stay at <= 512 MB so the rows come from DRAM.
+# (B, L, D, V, table dtype). The headline shape in the three table dtypes, then a
+# sweep in float32: a single-bag latency case, small and large batches, bags of
+# 1 to 512 ids, rows of 16 to 512 floats. Tables stay at <= 512 MB so the rows
+# come from DRAM.
 DEFAULT_CASES = [
     (1024, 64, 128, DEFAULT_VOCAB, "fp32"),
     (1024, 64, 128, DEFAULT_VOCAB, "fp16"),
@@ -41,6 +42,9 @@ DEFAULT_CASES = [
     (16384, 4, 128, DEFAULT_VOCAB, "fp32"),
     (256, 16, 64, DEFAULT_VOCAB, "fp32"),
     (4096, 32, 32, DEFAULT_VOCAB, "fp32"),
+    (8192, 64, 16, DEFAULT_VOCAB, "fp32"),
+    (32768, 1, 128, DEFAULT_VOCAB, "fp32"),
+    (128, 512, 128, DEFAULT_VOCAB, "fp32"),
     (512, 32, 512, 250_000, "fp32"),
 ]
 QUICK_CASES = [(1024, 64, 128, DEFAULT_VOCAB, "fp32")]
