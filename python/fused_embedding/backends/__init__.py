@@ -62,6 +62,26 @@ def available_backends() -> list[str]:
     return [name for name in REGISTRY if unavailable_reason(name) is None]
 
 
+class PreparedCall:
+    """One GPU call with its device buffers in place: ``launch()`` enqueues the kernel
+    (no sync), ``finish()`` reads the error flag, raises for a bad id, and returns the
+    result. Split so the GPU check can time the kernel alone; the backends'
+    ``embedding_mean`` does both.
+
+    launch: a callable that enqueues the kernel, or None when there is nothing to run.
+    """
+
+    def __init__(self, launch, finish):
+        self._launch, self._finish = launch, finish
+
+    def launch(self):
+        if self._launch is not None:
+            self._launch()
+
+    def finish(self):
+        return self._finish()
+
+
 def out_of_range_error(bad_id: int, row: int, col: int, vocab: int) -> IndexError:
     return IndexError(
         f"id {bad_id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, Axis, output_shape, table_format
-from . import out_of_range_error
+from . import PreparedCall, out_of_range_error
 
 DEVICE = "cuda"
 
@@ -85,24 +85,6 @@ def _element_dtype(dtype) -> np.dtype:
     return np.dtype(np.uint16) if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype)
 
 
-class PreparedCall:
-    """One call with its device buffers in place: ``launch()`` enqueues the kernel (no sync),
-    ``finish()`` reads the error flag, raises for a bad id, and returns the result.
-
-    Split so the GPU check can time the kernel alone; ``embedding_mean`` does both.
-    """
-
-    def __init__(self, kernel, config, args, finish):
-        self.kernel, self.config, self.args, self._finish = kernel, config, args, finish
-
-    def launch(self):
-        if self.kernel is not None:
-            self.kernel(self.config.grid, (self.config.block,), self.args)
-
-    def finish(self):
-        return self._finish()
-
-
 def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     """Device views/copies of the inputs and output, the compiled kernel and its launch shape.
 
@@ -123,7 +105,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
         if out is None:
             out = cupy.empty(shape, elements) if table_on_device else np.empty(shape, dtype)
-        return PreparedCall(None, None, (), lambda: out)
+        return PreparedCall(None, lambda: out)
 
     if table_on_device:
         d_table = _as_cupy(table)
@@ -167,7 +149,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
             return host_out
         return out if out is not None else d_out
 
-    return PreparedCall(kernel, config, args, finish)
+    return PreparedCall(lambda: kernel(config.grid, (config.block,), args), finish)
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):

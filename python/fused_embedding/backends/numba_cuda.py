@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
-from . import out_of_range_error
+from . import PreparedCall, out_of_range_error
 
 DEVICE = "cuda"
 
@@ -90,24 +90,6 @@ def word_dtype(fmt: int, word_bytes: int, item_bytes: int) -> np.dtype:
     return np.dtype({4: np.uint32, 8: np.uint64}[word_bytes])
 
 
-class PreparedCall:
-    """One call with its device buffers in place: ``launch()`` enqueues the kernel (no sync),
-    ``finish()`` reads the error flag, raises for a bad id, and returns the result.
-
-    Split so the GPU check can time the kernel alone; ``embedding_mean`` does both.
-    """
-
-    def __init__(self, kernel, config, args, finish):
-        self.kernel, self.config, self.args, self._finish = kernel, config, args, finish
-
-    def launch(self):
-        if self.kernel is not None:
-            self.kernel[self.config.grid, self.config.block](*self.args)
-
-    def finish(self):
-        return self._finish()
-
-
 def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     """Device views/copies of the inputs and output, the kernel and its launch shape.
 
@@ -129,7 +111,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
         if out is None:
             out = np.empty(shape, dtype) if not table_on_device else \
                 _device_result(cuda.device_array(shape, elements), dtype, table)
-        return PreparedCall(None, None, (), lambda: out)
+        return PreparedCall(None, lambda: out)
 
     # Table -> words: a view of the same bytes, loaded word_bytes at a time.
     if table_on_device:
@@ -180,7 +162,8 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
             return host_out
         return out if out is not None else _device_result(d_out, dtype, table)
 
-    return PreparedCall(kernel, config, (d_words, d_ids, bool(mask_zero), d_out, bad_position), finish)
+    args = (d_words, d_ids, bool(mask_zero), d_out, bad_position)
+    return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):
