@@ -14,7 +14,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-FORMAT_BFLOAT16 = 2  # same codes as fused_embedding.semantics.TABLE_FORMATS
+from ..semantics import FORMAT_BFLOAT16
 
 
 @intrinsic

@@ -39,7 +39,8 @@ import numpy as np
 from numba import cuda, float32, int64
 from numba.core import config
 
-FORMAT_FLOAT32, FORMAT_FLOAT16, FORMAT_BFLOAT16 = 0, 1, 2  # as fused_embedding.semantics
+from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
+
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 

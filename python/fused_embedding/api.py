@@ -135,9 +135,10 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
     if out_bytes > limit:
         raise MemoryError(f"the output {shape} {np.dtype(table.dtype)} needs {out_bytes / 2**30:.1f} GiB, "
                           f"more than the {limit / 2**30:.1f} GiB the {name!r} backend's device has")
-    log.debug("embedding_mean: backend=%s table=%s%s ids=%s%s axis=%d mask_zero=%s", name,
-              np.dtype(table.dtype), tuple(table.shape), np.dtype(ids.dtype), tuple(ids.shape),
-              int(axis), mask_zero)
+    if log.isEnabledFor(logging.DEBUG):  # the arguments below cost more than the check
+        log.debug("embedding_mean: backend=%s table=%s%s ids=%s%s axis=%d mask_zero=%s", name,
+                  np.dtype(table.dtype), tuple(table.shape), np.dtype(ids.dtype), tuple(ids.shape),
+                  int(axis), mask_zero)
     return module.embedding_mean(table, ids, axis, bool(mask_zero))
 
 

@@ -32,12 +32,12 @@ PADDING_ID = 0
 # target has no float16 or bfloat16), so the kernels need to know which
 # 16-bit format the bits are in.
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-TABLE_FORMATS = {
-    np.dtype(np.float32): 0,
-    np.dtype(np.float16): 1,
-    BFLOAT16: 2,
-}
 FORMAT_FLOAT32, FORMAT_FLOAT16, FORMAT_BFLOAT16 = 0, 1, 2
+TABLE_FORMATS = {
+    np.dtype(np.float32): FORMAT_FLOAT32,
+    np.dtype(np.float16): FORMAT_FLOAT16,
+    BFLOAT16: FORMAT_BFLOAT16,
+}
 
 ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
