@@ -5,13 +5,21 @@ accumulates rows in float32 and writes the result, never the (B, L, D)
 intermediate. Bags are split into chunks, one parallel iteration per chunk, so
 the float32 accumulator is allocated once per chunk, not per bag. A bag with an
 out-of-range id stops at it and records its position in ``bad_position``; the
-host raises after the launch (no second pass over the ids).
+host raises after the launch (no second pass over the ids). The gather kernels
+return how many bags met a bad id, so the host looks at ``bad_position`` only
+when there is one.
 
 Arrays: table [V][D] float32 or uint16 bits of float16/bfloat16 (``fmt``);
 ids [B][L] int32/int64; out float32 or uint16 bits in the table's format.
 Compiled once per signature and cached on disk (``cache=True``). Numba keys that
 cache on this file alone: after editing cpu_rows.py or cpu_scalars.py, delete
 kernels/__pycache__/*.nb[ic] or the old machine code keeps running.
+
+Every kernel has two entry points over one body: ``name`` (parallel, on Numba's
+threading layer) and ``name_serial`` (the same loop on the calling thread).
+Small calls run serial: waking the thread team costs more than they take
+(``launch.cpu_runs_serial``). Two functions, not one compiled twice, because
+Numba's disk cache keys on the function, not on its parallel flag.
 """
 from __future__ import annotations
 
@@ -27,13 +35,17 @@ from .cpu_scalars import elements_per_cache_line, prefetch, store, widen
 def _prefetch_rows(table, flat_ids, start, stop):
     """Prefetch every line of the rows named by flat_ids[start:stop] (stop <= len(flat_ids)).
 
-    The ids are not checked: a prefetch never faults, so a bad id costs
-    nothing here and is reported by the pass that reads it.
+    A line every 64 bytes from the row's start, and the line of its last element
+    (a table not aligned to 64 bytes has rows across one more line). The ids are
+    not checked: a prefetch never faults, so a bad id costs nothing here and is
+    reported by the pass that reads it.
     """
+    last = table.shape[1] - 1
     for p in range(start, stop):
         r = flat_ids[p]
         for d in range(0, table.shape[1], elements_per_cache_line(table)):
             prefetch(table, r, d)
+        prefetch(table, r, last)
 
 
 @njit(inline="always")
@@ -64,19 +76,20 @@ def _store_means(out, b, acc, count, fmt):
             store(out, b, d, np.float32(0.0), fmt)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+@njit(inline="always")
+def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
     """out[b, :] = mean of table[ids[b, l], :] over the counted positions l.  [B][D]
 
     Columns go in passes of 128 and then 16 with the accumulators in vector
     registers (kernels/cpu_rows.py); the first pass prefetches the rows
-    rows_ahead ahead (launch.cpu_rows_ahead). The last D % 16 columns, or all of a table that is not
-    C-contiguous, take a scalar pass. ids must be C-contiguous.
+    rows_ahead ahead (launch.cpu_rows_ahead). The last D % 16 columns, or all of a
+    table that is not C-contiguous, take a scalar pass. ids must be C-contiguous.
     """
     batch, length = ids.shape
     vocab, dim = table.shape
     flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
+    bad_bags = 0
     for chunk in prange(n_chunks):
         acc = np.empty(dim, dtype=np.float32)   # [D], one per chunk
         rows = np.empty(length, dtype=np.int64)  # [L], the bag's counted ids
@@ -86,6 +99,8 @@ def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead,
         _prefetch_rows(table, flat_ids, first * length, min(end, first * length + rows_ahead))
         for b in range(first, last):
             count = _collect_rows(ids, b, vocab, mask_zero, rows, bad_position)
+            if bad_position[b] >= 0:
+                bad_bags += 1
             ahead = b * length + rows_ahead
             col = sum_vector_columns(table, rows, count, fmt, flat_ids, ahead, end, acc)
             if col < dim:
@@ -97,6 +112,22 @@ def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead,
                     for d in range(col, dim):
                         acc[d] += widen(table[r, d], fmt)
             _store_means(out, b, acc, count, fmt)
+    return bad_bags
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+    """_gather_mean_sequence on Numba's thread team."""
+    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk,
+                                 rows_ahead, out, bad_position)
+
+
+@njit(cache=True, nogil=True)
+def gather_mean_sequence_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out,
+                                bad_position):
+    """_gather_mean_sequence on the calling thread."""
+    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk,
+                                 rows_ahead, out, bad_position)
 
 
 @njit(inline="always", fastmath={"reassoc"})
@@ -108,13 +139,14 @@ def _row_mean(table, r, fmt):
     return total / np.float32(table.shape[1])
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+@njit(inline="always")
+def _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
     """out[b, l] = mean over d of table[ids[b, l], d]; padding gives 0.  [B][L]"""
     batch, length = ids.shape
     vocab = table.shape[0]
     flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
+    bad_bags = 0
     for chunk in prange(n_chunks):
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
@@ -127,15 +159,32 @@ def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead
                 r = ids[b, l]
                 if r < 0 or r >= vocab:
                     bad_position[b] = l
+                    bad_bags += 1
                     break
                 if mask_zero and r == 0:
                     store(out, b, l, np.float32(0.0), fmt)
                 else:
                     store(out, b, l, _row_mean(table, r, fmt), fmt)
+    return bad_bags
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-def row_means(table, fmt, out):
+def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+    """_gather_mean_embedding on Numba's thread team."""
+    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk,
+                                  rows_ahead, out, bad_position)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def gather_mean_embedding_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out,
+                                 bad_position):
+    """_gather_mean_embedding on the calling thread."""
+    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk,
+                                  rows_ahead, out, bad_position)
+
+
+@njit(inline="always")
+def _row_means(table, fmt, out):
     """out[r] = mean over d of table[r, d], in float32.  [V]
 
     Feeds the cached axis-2 path: with it, axis 2 is a scalar gather.
@@ -144,21 +193,70 @@ def row_means(table, fmt, out):
         out[r] = _row_mean(table, r, fmt)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, out, bad_position):
-    """out[b, l] = means[ids[b, l]]; padding gives 0.  [B][L], reads B*L ids and means."""
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+def row_means(table, fmt, out):
+    """_row_means on Numba's thread team."""
+    _row_means(table, fmt, out)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def row_means_serial(table, fmt, out):
+    """_row_means on the calling thread."""
+    _row_means(table, fmt, out)
+
+
+@njit(inline="always")
+def _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out, bad_position):
+    """out[b, l] = means[ids[b, l]]; padding gives 0.  [B][L], reads B*L ids and means.
+
+    Each id's mean is prefetched means_ahead ids ahead (launch.CPU_MEANS_AHEAD):
+    the reads are scattered over a [V] vector that is rarely in cache.
+    """
     batch, length = ids.shape
     vocab = means.shape[0]
+    means_as_rows = means.reshape((vocab, 1))  # a view: what prefetch() takes
+    flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
+    bad_bags = 0
     for chunk in prange(n_chunks):
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
+        end = last * length
+        for p in range(first * length, min(end, first * length + means_ahead)):
+            prefetch(means_as_rows, flat_ids[p], 0)
         for b in range(first, last):
             bad_position[b] = -1
             for l in range(length):
+                ahead = b * length + l + means_ahead
+                if ahead < end:
+                    prefetch(means_as_rows, flat_ids[ahead], 0)
                 r = ids[b, l]
                 if r < 0 or r >= vocab:
                     bad_position[b] = l
+                    bad_bags += 1
                     break
                 value = np.float32(0.0) if mask_zero and r == 0 else means[r]
                 store(out, b, l, value, fmt)
+    return bad_bags
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out, bad_position):
+    """_gather_row_means on Numba's thread team."""
+    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk,
+                             means_ahead, out, bad_position)
+
+
+@njit(cache=True, nogil=True)
+def gather_row_means_serial(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out,
+                            bad_position):
+    """_gather_row_means on the calling thread."""
+    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk,
+                             means_ahead, out, bad_position)
+
+
+# The serial entry point of each parallel kernel.
+SERIAL = {gather_mean_sequence: gather_mean_sequence_serial,
+          gather_mean_embedding: gather_mean_embedding_serial,
+          row_means: row_means_serial,
+          gather_row_means: gather_row_means_serial}

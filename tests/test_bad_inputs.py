@@ -220,17 +220,22 @@ def test_strided_inputs_give_the_right_result(rng, layout, table_dtype, axis, ba
     assert_close(fe.embedding_mean(table, ids, axis=axis, backend=backend), expected, table_dtype)
 
 
+def arrays_handed_to_cpu_kernels(monkeypatch) -> list:
+    """A list that collects every argument the cpu backend launches a kernel with, from now on."""
+    from fused_embedding.backends import cpu as cpu_backend
+    handed = []
+    real = cpu_backend._launch
+    monkeypatch.setattr(cpu_backend, "_launch",
+                        lambda kernel, *args, **options: handed.extend(args) or real(kernel, *args, **options))
+    return handed
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("axis", [1, 2])
 def test_strided_inputs_are_read_in_place(rng, monkeypatch, layout, axis):
     """The cpu kernels are handed the caller's table buffer; ids are copied only when not C-contiguous."""
-    from fused_embedding.kernels import cpu as kernels
     table, ids = strided_inputs(rng, layout, np.float16)
-    handed = []
-    for kernel_name in [n for n in dir(kernels) if n.startswith(("gather_", "row_means"))]:
-        real = getattr(kernels, kernel_name)
-        monkeypatch.setattr(kernels, kernel_name,
-                            lambda *args, _real=real: handed.extend(args) or _real(*args))
+    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     fe.embedding_mean(table, ids, axis=axis, backend="cpu")
     arrays = [a for a in handed if isinstance(a, np.ndarray)]
     assert any(np.shares_memory(a, table) for a in arrays), "the kernel got a copy of the table"
@@ -261,14 +266,11 @@ def test_no_table_sized_allocation_on_cpu(rng, layout):
 
 def test_memory_mapped_table_is_read_in_place(rng, tmp_path, monkeypatch):
     """A table in a file (np.memmap, read-only): the right rows, read from the mapping itself."""
-    from fused_embedding.kernels import cpu as kernels
     table, ids = random_inputs(rng, 300, 16, 5, 7)
     path = tmp_path / "table.f32"
     table.tofile(path)
     mapped = np.memmap(path, dtype=np.float32, mode="r", shape=table.shape)
-    handed = []
-    real = kernels.gather_mean_sequence
-    monkeypatch.setattr(kernels, "gather_mean_sequence", lambda *args: handed.extend(args) or real(*args))
+    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     for axis in (1, 2):
         assert_close(fe.embedding_mean(mapped, ids, axis=axis, backend="cpu"),
                      embedding_mean_reference(table, ids, axis), np.float32)
@@ -277,12 +279,9 @@ def test_memory_mapped_table_is_read_in_place(rng, tmp_path, monkeypatch):
 
 def test_torch_cpu_tensors_are_read_in_place(rng, monkeypatch):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
-    from fused_embedding.kernels import cpu as kernels
     table, ids = random_inputs(rng, 300, 16, 5, 7, id_dtype=np.int64)
     table_tensor, ids_tensor = torch.from_numpy(table), torch.from_numpy(ids)
-    handed = []
-    real = kernels.gather_mean_sequence
-    monkeypatch.setattr(kernels, "gather_mean_sequence", lambda *args: handed.extend(args) or real(*args))
+    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     result = fe.embedding_mean(table_tensor, ids_tensor, backend="cpu")
     assert isinstance(result, np.ndarray)
     assert_close(result, embedding_mean_reference(table, ids), np.float32)

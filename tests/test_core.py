@@ -45,6 +45,51 @@ def test_matches_reference(rng, backend, table_dtype, id_dtype, shape, axis, mas
     np.testing.assert_array_equal(public, out)
 
 
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
+@pytest.mark.parametrize("table_dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("axis, constant", [(1, False), (2, False), (2, True)],
+                         ids=["axis1", "axis2", "axis2-cached"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "numpy-offset"])
+def test_serial_and_parallel_kernels_both_match_reference(rng, monkeypatch, serial, table_dtype, axis,
+                                                          constant, aligned):
+    """Each cpu kernel has a parallel and a serial entry point (small calls run serial): both
+    are right, with bad ids too, on 64-byte aligned tables and on NumPy's (rows across lines)."""
+    from fused_embedding import launch
+    from fused_embedding.memory import empty_aligned
+    monkeypatch.setattr(launch, "cpu_runs_serial", lambda rows, row_bytes: serial)
+    for vocab, dim, batch, length in [(300, 16, 37, 9), (300, 129, 9, 33), (50, 40, 64, 1)]:
+        values, ids = random_inputs(rng, vocab, dim, batch, length, table_dtype, padding_fraction=0.2)
+        table = empty_aligned(values.shape, values.dtype) if aligned else np.empty_like(values)
+        table[...] = values
+        if aligned:
+            assert table.ctypes.data % 64 == 0
+        if constant:
+            table.setflags(write=False)
+        for mask_zero in (False, True):
+            expected = embedding_mean_reference(table, ids, axis, mask_zero)
+            out = run_backend("cpu", table, ids, axis, mask_zero)
+            assert not (out == POISON).any(), "kernel left output elements unwritten"
+            assert_close(out, expected, table_dtype)
+        bad = ids.copy()
+        bad[batch // 2, length - 1] = vocab
+        with pytest.raises(IndexError, match=rf"id {vocab} at ids\[{batch // 2}, {length - 1}\]"):
+            fe.embedding_mean(table, bad, axis=axis, backend="cpu")
+
+
+def test_small_calls_run_serial_and_large_ones_parallel(rng, monkeypatch):
+    from fused_embedding import launch
+    from fused_embedding.backends import cpu as cpu_backend
+    serial_flags = []
+    real = cpu_backend._launch
+    monkeypatch.setattr(cpu_backend, "_launch",
+                        lambda kernel, *a, serial=False: serial_flags.append(serial) or real(kernel, *a, serial=serial))
+    table = rng.standard_normal((5000, 128), dtype=np.float32)  # 512-byte rows
+    small_rows = launch.CPU_SERIAL_MAX_BYTES // 512
+    fe.embedding_mean(table, rng.integers(0, 5000, (1, small_rows)), backend="cpu")
+    fe.embedding_mean(table, rng.integers(0, 5000, (2, small_rows)), backend="cpu")
+    assert serial_flags == [True, False]
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_empty_bags_are_zero(rng, backend):
     table, _ = random_inputs(rng, 20, 8, 1, 1)
@@ -116,11 +161,12 @@ def test_backend_selection(rng, monkeypatch):
 
 
 def test_cpu_kernel_takes_the_callers_table_without_copying(rng, monkeypatch):
-    from fused_embedding.kernels import cpu as kernels
+    from fused_embedding.backends import cpu as cpu_backend
     table, ids = random_inputs(rng, 20, 4, 3, 5)
     seen = []
-    real = kernels.gather_mean_sequence
-    monkeypatch.setattr(kernels, "gather_mean_sequence", lambda t, *a: seen.append(t) or real(t, *a))
+    real = cpu_backend._launch
+    monkeypatch.setattr(cpu_backend, "_launch",
+                        lambda kernel, t, *a, **kw: seen.append(t) or real(kernel, t, *a, **kw))
     fe.embedding_mean(table, ids, backend="cpu")
     assert np.shares_memory(seen[0], table)
 

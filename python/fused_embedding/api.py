@@ -21,6 +21,8 @@ _DLPACK_CUDA_MANAGED = 13
 
 def device_of(array) -> str:
     """"cuda" for GPU arrays (CUDA array interface or a CUDA DLPack device), else "cpu"."""
+    if type(array) is np.ndarray:  # the common case, answered without attribute probes
+        return "cpu"
     if hasattr(array, "__cuda_array_interface__"):
         return "cuda"
     dlpack_device = getattr(array, "__dlpack_device__", None)
@@ -118,9 +120,9 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
     """
     axis = normalize_axis(axis)
     table_device, ids_device = device_of(table), device_of(ids)
-    if table_device == "cpu":
-        table = np.asarray(table)  # zero-copy for NumPy, TF eager tensors and CPU torch tensors
-    if ids_device == "cpu":
+    if table_device == "cpu" and type(table) is not np.ndarray:
+        table = np.asarray(table)  # zero-copy for TF eager tensors and CPU torch tensors
+    if ids_device == "cpu" and type(ids) is not np.ndarray:
         ids = np.asarray(ids)
     _check_inputs(table, ids, mask_zero)
     name = choose_backend(backend, table_device, ids_device)

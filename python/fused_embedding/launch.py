@@ -10,12 +10,31 @@ CPU_CHUNKS_PER_THREAD = 4
 def cpu_rows_ahead(row_bytes: int) -> int:
     """How many rows ahead of the one being summed the CPU kernels prefetch.
 
-    About 4 KB ahead, kept between 16 and 32 rows. Measured single-threaded at
-    B*L*D = 4M floats (benchmarks/NOTES.md): 128-byte rows ran 1.10x faster 32
-    ahead than 16; 2 KB rows ran 1.09x faster 16 ahead than 32; 512-byte rows
-    were the same at 16, 32 and 64.
+    About 8 KB ahead, kept between 16 and 128 rows. Measured (2 threads, 64-byte
+    aligned tables, benchmarks/NOTES.md): 64-byte rows ran 1.8x faster 128 ahead
+    than 32; 128-byte rows 1.5x faster 64-96 ahead than 32; 256-byte rows were
+    within 10% from 32 to 256 ahead; 512-byte rows were best 8-16 ahead (1.1x
+    slower 48 ahead); 2 KB rows the same from 8 to 64.
     """
-    return max(16, min(32, 4096 // max(1, row_bytes)))
+    return max(16, min(128, 8192 // max(1, row_bytes)))
+
+
+# Ids ahead whose cached row mean the axis-2 gather prefetches (one scalar each;
+# measured at B=1024, L=64 with the [V] means out of cache: see benchmarks/NOTES.md).
+CPU_MEANS_AHEAD = 256
+
+# Calls gathering at most this many bytes (whole cache lines) run on the calling
+# thread: waking Numba's thread team costs 5-40 us (more when other thread pools,
+# TF's or torch's, have just run), which is what a call this small takes
+# altogether (benchmarks/NOTES.md).
+CPU_SERIAL_MAX_BYTES = 256 << 10
+CACHE_LINE_BYTES = 64
+
+
+def cpu_runs_serial(rows: int, row_bytes: int) -> bool:
+    """True when a call reading ``rows`` gathered rows of ``row_bytes`` each is too small to share out."""
+    lines_per_row = -(-row_bytes // CACHE_LINE_BYTES)
+    return rows * lines_per_row * CACHE_LINE_BYTES <= CPU_SERIAL_MAX_BYTES
 
 
 def cpu_bags_per_chunk(batch: int, threads: int) -> int:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import numpy as np
+from numba import get_num_threads  # no numba: the registry reports this backend unavailable
 
 from .. import launch, row_mean_cache
+from ..memory import empty_on_huge_pages
 from ..semantics import Axis, table_format, output_shape
 from . import raise_first_bad_id
 from .numpy import host_memory_available
@@ -16,11 +17,7 @@ DEVICE = "cpu"
 
 
 def unavailable_reason() -> str | None:
-    try:
-        import numba  # noqa: F401
-    except ImportError as exc:
-        return f"numba is not installed ({exc})"
-    return None
+    return None  # importing this module needed numba already
 
 
 def memory_limit_bytes() -> int:
@@ -41,17 +38,14 @@ _serialise_launches = None  # None until the first launch has picked the layer
 # kills such a child ("fork() called from a process already using GNU OpenMP")
 # at its first parallel launch, as multiprocessing's default start method on
 # Linux meets whenever the parent used the op before starting its workers. A
-# child forked like that runs serial twins of the kernels instead (compiled
-# there on first use; one core per worker process).
+# child forked like that runs the serial entry points instead (one core per
+# worker process).
 _forked_from_gnu_openmp = False
-_serial_twins = {}
 
 
 def _after_fork_in_child():
     global _forked_from_gnu_openmp, _launch_lock
     _launch_lock = threading.Lock()  # one held by another parent thread would stay held here
-    if "numba" not in sys.modules:
-        return
     import numba
     try:
         layer = numba.threading_layer()
@@ -65,29 +59,33 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _serial_twin(kernel):
-    """The kernel compiled without parallel=True (prange runs as range): no threading layer."""
-    twin = _serial_twins.get(kernel)
-    if twin is None:
-        from numba import njit
-        options = {k: v for k, v in kernel.targetoptions.items() if k in ("nogil", "fastmath")}
-        twin = _serial_twins[kernel] = njit(**options)(kernel.py_func)
-    return twin
+def _launch(kernel, *args, serial=False):
+    """Run a parallel kernel, or its serial entry point when asked to (small calls) or forced to.
 
-
-def _launch(kernel, *args):
+    Returns what the kernel returns.
+    """
     global _serialise_launches
-    if _forked_from_gnu_openmp:
-        _serial_twin(kernel)(*args)
-        return
+    if serial or _forked_from_gnu_openmp:
+        return _kernel_module().SERIAL[kernel](*args)
     if _serialise_launches is False:
-        kernel(*args)
-        return
+        return kernel(*args)
     with _launch_lock:
-        kernel(*args)
+        result = kernel(*args)
         if _serialise_launches is None:
             import numba
             _serialise_launches = numba.threading_layer() == "workqueue"
+    return result
+
+
+_kernels = None  # kernels/cpu.py, imported (and so Numba) at the first call, then kept here
+
+
+def _kernel_module():
+    global _kernels
+    if _kernels is None:
+        from ..kernels import cpu
+        _kernels = cpu
+    return _kernels
 
 
 def _bits(array):
@@ -96,9 +94,7 @@ def _bits(array):
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):
-    from numba import get_num_threads
-
-    from ..kernels import cpu as kernels
+    kernels = _kernel_module()
     ids = np.ascontiguousarray(ids)  # the kernels walk ids flat; copies only ids, never the table
     batch, length = ids.shape
     if out is None:
@@ -106,25 +102,28 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     bad_position = np.empty(batch, dtype=np.int64)
     fmt = table_format(table.dtype)
     bags_per_chunk = launch.cpu_bags_per_chunk(batch, get_num_threads())
-    rows_ahead = launch.cpu_rows_ahead(table.shape[1] * table.dtype.itemsize)
-    if axis is Axis.SEQUENCE:
-        _launch(kernels.gather_mean_sequence, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                rows_ahead, _bits(out), bad_position)
+    row_bytes = table.shape[1] * table.dtype.itemsize
+    rows_ahead = launch.cpu_rows_ahead(row_bytes)
+    means = row_mean_cache.row_means(table, _row_means) if axis is Axis.EMBEDDING else None
+    if means is not None:  # axis 2 on a constant table: B*L scalar reads
+        bad_bags = _launch(kernels.gather_row_means, means, ids, mask_zero, fmt, bags_per_chunk,
+                           launch.CPU_MEANS_AHEAD, _bits(out), bad_position,
+                           serial=launch.cpu_runs_serial(batch * length, means.itemsize))
     else:
-        means = row_mean_cache.row_means(table, _row_means)
-        if means is not None:  # a constant table: B*L scalar reads
-            _launch(kernels.gather_row_means, means, ids, mask_zero, fmt, bags_per_chunk,
-                    _bits(out), bad_position)
-        else:
-            _launch(kernels.gather_mean_embedding, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                    rows_ahead, _bits(out), bad_position)
-    raise_first_bad_id(bad_position, ids, table.shape[0])
+        kernel = (kernels.gather_mean_sequence if axis is Axis.SEQUENCE
+                  else kernels.gather_mean_embedding)
+        bad_bags = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk, rows_ahead,
+                           _bits(out), bad_position,
+                           serial=launch.cpu_runs_serial(batch * length, row_bytes))
+    if bad_bags:
+        raise_first_bad_id(bad_position, ids, table.shape[0])
     return out
 
 
 def _row_means(table):
     """float32 mean of each row of a (V, D) table: [V]."""
-    from ..kernels import cpu as kernels
-    means = np.empty(table.shape[0], dtype=np.float32)
+    kernels = _kernel_module()
+    # Read at B*L scattered places a call: on huge pages, 1.6x faster (benchmarks/NOTES.md).
+    means = empty_on_huge_pages(table.shape[0], np.float32)
     _launch(kernels.row_means, _bits(table), table_format(table.dtype), means)
     return means
