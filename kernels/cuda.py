@@ -12,8 +12,9 @@ row length and the table's alignment allow (``launch.gpu_word_bytes``).
 Axis 1 (``gather_mean_sequence``): a group of ``G`` lanes per bag (a warp for wide
 rows, a sub-warp for narrow ones), each lane owning ``K`` words of the row. The
 group stages its bag's ids in shared memory once (one coalesced read per 32 ids),
-then walks them four rows at a time, issuing all of a step's loads before any of
-its adds, so several rows are in flight per lane. Accumulation is float32.
+then walks them R rows at a time, issuing all of a step's loads before any of
+its adds, so several rows are in flight per lane (R = 4, or 8 where a lane loads
+8 bytes or less of each row: ``launch.gpu_launch``). Accumulation is float32.
 
 Axis 2 (``gather_mean_embedding``): a group of ``G`` lanes per (bag, position);
 each lane sums a strided part of the row, then a shared-memory tree adds the
@@ -51,10 +52,8 @@ BLOCK_THREADS = 256
 # fewer for narrow groups so a block's stage stays at 8 KiB of int64 ids.
 MAX_IDS_PER_STAGE = 32
 IDS_PER_LANE_PER_STAGE = 4
-# Gathered rows whose loads are issued before any is summed (axis 1).
-ROWS_IN_FLIGHT = 4
 
-# --- bit casts: the one place the simulator needs a twin --------------------------------
+# --- bit casts and the float16 decode: the one place the simulator needs twins ------------
 if SIMULATED:
     def float_from_bits(bits):
         """float32 whose bit pattern is the low 32 bits of ``bits``."""
@@ -63,6 +62,10 @@ if SIMULATED:
     def bits_from_float(value):
         """The bit pattern of a float32, as an int."""
         return int(np.float32(value).view(np.uint32))
+
+    def float16_bits_to_float(h):
+        """float32 value of float16 bits ``h`` (0..0xFFFF)."""
+        return np.float32(np.uint16(int(h) & 0xFFFF).view(np.float16))
 else:
     from numba.cuda import libdevice
 
@@ -74,28 +77,19 @@ else:
     def bits_from_float(value):
         return int64(libdevice.float_as_int(value)) & 0xFFFFFFFF
 
+    @cuda.jit(device=True, inline="always")
+    def float16_bits_to_float(h):
+        # One cvt.f32.f16 instruction. Measured on an H200, an integer decode (shifts,
+        # a scale by 2^112, an inf/NaN branch) made float16 no faster than float32
+        # (benchmarks/NOTES.md, GPU run 4).
+        return libdevice.half2float(np.int16(h))
+
 
 # --- element formats -------------------------------------------------------------------
 @cuda.jit(device=True, inline="always")
 def bfloat16_bits_to_float(h):
     """float32 value of bfloat16 bits ``h`` (0..0xFFFF): the high half of a float32."""
     return float_from_bits(h << 16)
-
-
-@cuda.jit(device=True, inline="always")
-def float16_bits_to_float(h):
-    """float32 value of float16 bits ``h`` (a uint32 holding 0..0xFFFF), in 32-bit integer ops.
-
-    Shifting exponent and mantissa into float32 position and scaling by 2^112
-    rebiases the exponent (15 -> 127) for normal and subnormal halves alike;
-    inf and NaN (exponent 31) are built directly; the sign bit is moved last.
-    (64-bit integer operations are two instructions each on the GPU: kept out.)
-    """
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
-        return float_from_bits(sign | np.uint32(0x7F800000) | ((h & np.uint32(0x3FF)) << np.uint32(13)))
-    magnitude = float_from_bits((h & np.uint32(0x7FFF)) << np.uint32(13)) * float32(5.192296858534828e+33)  # 2^112
-    return float_from_bits(sign | bits_from_float(magnitude))
 
 
 @cuda.jit(device=True, inline="always")
@@ -174,19 +168,21 @@ def counted_row(row, vocab, mask_zero, flat_position, bad_position):
 
 # --- axis 1 ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_lane: int):
-    """The axis-1 kernel for one (format, word dtype, lanes per bag, words per lane).
+def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_lane: int,
+                              rows_in_flight: int):
+    """The axis-1 kernel for one (format, word dtype, lanes per bag, words per lane, rows in flight).
 
     Launch: grid (ceil(B / bags_per_block), column tiles), block BLOCK_THREADS.
     Each block's group g handles bag blockIdx.x * bags_per_block + g and words
-    [blockIdx.y * lanes * words_per_lane, ...) of its row.
+    [blockIdx.y * lanes * words_per_lane, ...) of its row, loading rows_in_flight
+    rows before summing any (launch.gpu_launch).
     """
     word = np.dtype(word_dtype)
     elements = word.itemsize // (4 if fmt == FORMAT_FLOAT32 else 2)
     read = _element_reader(fmt, elements, word.itemsize * 8)
     write = _element_writer(fmt)
     word_type = word.type  # called in device code: a float16 constant captured here is invalid NVVM IR
-    G, K, E = lanes, words_per_lane, elements
+    G, K, E, R = lanes, words_per_lane, elements, rows_in_flight
     bags_per_block = BLOCK_THREADS // G
     tile_words = G * K
     accumulators = K * E
@@ -222,6 +218,8 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
         acc = cuda.local.array(accumulators, float32)
         for i in range(accumulators):
             acc[i] = float32(0.0)
+        rows = cuda.local.array(R, int64)
+        loaded = cuda.local.array(R, word_type)
         count = int64(0)
         for start in range(0, length, ids_per_stage):
             n = min(ids_per_stage, length - start)
@@ -231,26 +229,21 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
             cuda.syncthreads()
             if in_batch:
                 base = b * length + start
-                for j in range(0, n, ROWS_IN_FLIGHT):
-                    r0 = counted_row(staged[slot, j], vocab, mask_zero, base + j, bad_position)
-                    r1 = r2 = r3 = int64(-1)
-                    if j + 1 < n:
-                        r1 = counted_row(staged[slot, j + 1], vocab, mask_zero, base + j + 1, bad_position)
-                    if j + 2 < n:
-                        r2 = counted_row(staged[slot, j + 2], vocab, mask_zero, base + j + 2, bad_position)
-                    if j + 3 < n:
-                        r3 = counted_row(staged[slot, j + 3], vocab, mask_zero, base + j + 3, bad_position)
-                    count += int64(r0 >= 0) + int64(r1 >= 0) + int64(r2 >= 0) + int64(r3 >= 0)
+                for j in range(0, n, R):
+                    # Constant trip counts: unrolled, so rows[] and loaded[] live in registers.
+                    for u in range(R):
+                        row = int64(-1)
+                        if j + u < n:
+                            row = counted_row(staged[slot, j + u], vocab, mask_zero, base + j + u,
+                                              bad_position)
+                        rows[u] = row
+                        count += int64(row >= 0)
                     for k in range(K):
                         c = first_word + k * G
-                        w0 = load(words, r0, c, n_words)
-                        w1 = load(words, r1, c, n_words)
-                        w2 = load(words, r2, c, n_words)
-                        w3 = load(words, r3, c, n_words)
-                        add(acc, k, w0)
-                        add(acc, k, w1)
-                        add(acc, k, w2)
-                        add(acc, k, w3)
+                        for u in range(R):
+                            loaded[u] = load(words, rows[u], c, n_words)
+                        for u in range(R):
+                            add(acc, k, loaded[u])
             cuda.syncthreads()
         if in_batch:
             for k in range(K):

@@ -27,7 +27,6 @@ typedef long long i64;
 // the same for all lanes, no lane returns early), so the shuffles name the whole warp;
 // width G keeps each group's lanes to themselves.
 #define FULL_WARP 0xffffffffu
-#define ROWS_IN_FLIGHT 4
 
 template <int WB> struct Word;
 template <> struct Word<16> {
@@ -113,7 +112,8 @@ __device__ __forceinline__ i64 counted_row(i64 row, i64 vocab, int mask_zero, i6
 
 // table [V][W] words, ids [B][L] (IdT), out [B][D] (the table's format), bad_position [1].
 // grid (ceil(B / (blockDim.x / G)), ceil(W / (G * K))), block blockDim.x (a multiple of 32).
-template <int FMT, int WB, int G, int K, typename IdT>
+// R rows are loaded before any is summed (launch.gpu_launch: 4, or 8 for narrow lanes).
+template <int FMT, int WB, int G, int K, int R, typename IdT>
 __global__ void gather_mean_sequence(const void* __restrict__ table, const void* __restrict__ ids_raw,
                                      i64 batch, i64 length, i64 vocab, i64 n_words, int mask_zero,
                                      void* __restrict__ out, i64* bad_position) {
@@ -133,10 +133,10 @@ __global__ void gather_mean_sequence(const void* __restrict__ table, const void*
         for (int e = 0; e < F::E; ++e) acc[k][e] = 0.f;
     int count = 0;
 
-    // Ids per stage: one per lane, or ROWS_IN_FLIGHT (Q per lane) when the group is narrower,
-    // so a step always has four rows to load. Every lane of a warp runs the same trip counts
+    // Ids per stage: one per lane, or R (Q per lane) when the group is narrower,
+    // so a step always has R rows to load. Every lane of a warp runs the same trip counts
     // (L is shared by all bags), so the shuffles below always see their whole group.
-    constexpr int STAGE = G > ROWS_IN_FLIGHT ? G : ROWS_IN_FLIGHT;
+    constexpr int STAGE = G > R ? G : R;
     constexpr int Q = STAGE / G;
     for (i64 start = 0; start < length; start += STAGE) {
         const int n = (int)(length - start < STAGE ? length - start : STAGE);
@@ -151,25 +151,25 @@ __global__ void gather_mean_sequence(const void* __restrict__ table, const void*
             }
         }
 #pragma unroll
-        for (int j = 0; j < STAGE; j += ROWS_IN_FLIGHT) {
+        for (int j = 0; j < STAGE; j += R) {
             if (j >= n) break;  // the same for the whole warp
-            i64 rows[ROWS_IN_FLIGHT];
+            i64 rows[R];
 #pragma unroll
-            for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
+            for (int u = 0; u < R; ++u) {
                 const i64 r = __shfl_sync(FULL_WARP, my_rows[(j + u) / G], (j + u) % G, G);
                 rows[u] = (j + u < n) ? r : -1;
                 count += rows[u] >= 0;
             }
-            W w[ROWS_IN_FLIGHT][K];
+            W w[R][K];
 #pragma unroll
-            for (int u = 0; u < ROWS_IN_FLIGHT; ++u)
+            for (int u = 0; u < R; ++u)
 #pragma unroll
                 for (int k = 0; k < K; ++k) {
                     const i64 c = first_word + (i64)k * G;
                     w[u][k] = (rows[u] >= 0 && c < n_words) ? words[rows[u] * n_words + c] : zero_word<WB>();
                 }
 #pragma unroll
-            for (int u = 0; u < ROWS_IN_FLIGHT; ++u)
+            for (int u = 0; u < R; ++u)
 #pragma unroll
                 for (int k = 0; k < K; ++k)
 #pragma unroll

@@ -191,8 +191,7 @@ def emulated_launch(table_dtype, id_dtype, shape, axis, offset):
     item = np.dtype(table_dtype).itemsize
     word = launch.gpu_word_bytes(dim, item, offset * item, cupy_backend.MAX_WORD_BYTES)
     config = launch.gpu_launch(Axis(axis), batch, length, dim, item, word)
-    name = cupy_backend.kernel_name(Axis(axis), table_format(table_dtype), word, config.lanes,
-                                    config.words_per_lane, id_dtype)
+    name = cupy_backend.kernel_name(Axis(axis), table_format(table_dtype), config, id_dtype)
     return name, config
 
 

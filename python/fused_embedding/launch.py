@@ -53,6 +53,13 @@ GPU_WARP = 32
 # loads plus their accumulators stay well inside the register file (no spills).
 GPU_ROW_BYTES_PER_LANE = 64
 GPU_MAX_WORDS_PER_LANE = 8
+# Axis 1 loads this many rows before summing any; twice as many where a lane's part
+# of a row is GPU_NARROW_LANE_BYTES or less (a float16 row of 128 in 8-byte words:
+# one word per lane), so a lane keeps as many bytes in flight as with wider rows.
+# Measured on an H200 with 4: a float16 table ran no faster than float32
+# (benchmarks/NOTES.md, GPU run 4).
+GPU_ROWS_IN_FLIGHT = 4
+GPU_NARROW_LANE_BYTES = 8
 # Axis 2 sums a whole row per group: about this many words per lane before the
 # shared-memory/shuffle reduction, for a few loads in flight without idle lanes.
 GPU_AXIS2_WORDS_PER_LANE = 4
@@ -84,13 +91,15 @@ class GpuLaunch:
     word_bytes / elements_per_word / words_per_row: the row as W words of E elements.
     lanes: threads per bag (axis 1) or per (bag, position) (axis 2), a power of two <= 32.
     words_per_lane: K, the words of a row each lane holds (axis 1; a power of two).
+    rows_in_flight: R, rows whose loads a lane issues before summing them (axis 1).
     groups_per_block: bags (axis 1) or positions (axis 2) per block.
     grid: (x,) or (x, y) blocks; y = column tiles of lanes * words_per_lane words.
     """
 
     def __init__(self, word_bytes, elements_per_word, words_per_row, lanes, words_per_lane,
-                 block, grid):
+                 block, grid, rows_in_flight):
         self.word_bytes = word_bytes
+        self.rows_in_flight = rows_in_flight
         self.elements_per_word = elements_per_word
         self.words_per_row = words_per_row
         self.lanes = lanes
@@ -102,7 +111,8 @@ class GpuLaunch:
     def __repr__(self):
         return (f"GpuLaunch(word_bytes={self.word_bytes}, elements_per_word={self.elements_per_word}, "
                 f"words_per_row={self.words_per_row}, lanes={self.lanes}, "
-                f"words_per_lane={self.words_per_lane}, block={self.block}, grid={self.grid})")
+                f"words_per_lane={self.words_per_lane}, rows_in_flight={self.rows_in_flight}, "
+                f"block={self.block}, grid={self.grid})")
 
 
 def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
@@ -111,7 +121,8 @@ def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
 
     Axis 1: a group of lanes per bag, min(32, W rounded up to a power of two),
     each lane K words (K <= 8, K * word_bytes <= GPU_ROW_BYTES_PER_LANE); rows wider than
-    a group's lanes * K words are split into column tiles (grid y).
+    a group's lanes * K words are split into column tiles (grid y); R rows in flight
+    (GPU_ROWS_IN_FLIGHT, doubled for narrow lanes).
     Axis 2: a group of lanes per (bag, position), about
     GPU_AXIS2_WORDS_PER_LANE words per lane.
     Raises ValueError when the grid would exceed CUDA's limits. Callers skip the
@@ -126,12 +137,15 @@ def gpu_launch(axis: int, batch: int, length: int, dim: int, item_bytes: int,
         per_lane = min(_next_power_of_two(-(-words // lanes)), _next_power_of_two(max_per_lane))
         tiles = -(-words // (lanes * per_lane))
         grid = (-(-batch // (block // lanes)), tiles)
+        narrow = per_lane * word_bytes <= GPU_NARROW_LANE_BYTES
+        rows_in_flight = 2 * GPU_ROWS_IN_FLIGHT if narrow else GPU_ROWS_IN_FLIGHT
     else:
         lanes = min(GPU_WARP, _next_power_of_two(-(-words // GPU_AXIS2_WORDS_PER_LANE)))
         per_lane = -(-words // lanes)
         grid = (-(-(batch * length) // (block // lanes)),)
+        rows_in_flight = GPU_ROWS_IN_FLIGHT  # unused: axis 2 reads one row per group
     if grid[0] > GPU_MAX_GRID_X or (len(grid) > 1 and grid[1] > GPU_MAX_GRID_Y):
         raise ValueError(f"a GPU launch for B={batch}, L={length}, D={dim} needs a grid of {grid} "
                          f"blocks, past CUDA's limits ({GPU_MAX_GRID_X}, {GPU_MAX_GRID_Y}); "
                          f"split the batch")
-    return GpuLaunch(word_bytes, elements, words, lanes, per_lane, block, grid)
+    return GpuLaunch(word_bytes, elements, words, lanes, per_lane, block, grid, rows_in_flight)

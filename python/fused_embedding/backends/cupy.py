@@ -53,12 +53,13 @@ def kernel_source() -> str:
     return resources.files("fused_embedding.kernels").joinpath(SOURCE_FILE).read_text()
 
 
-def kernel_name(axis: Axis, fmt: int, word_bytes: int, lanes: int, words_per_lane: int, id_dtype) -> str:
-    """The template instantiation a launch uses, e.g. ``gather_mean_sequence<0, 16, 32, 2, int>``."""
+def kernel_name(axis: Axis, fmt: int, config: launch.GpuLaunch, id_dtype) -> str:
+    """The template instantiation a launch uses, e.g. ``gather_mean_sequence<0, 16, 32, 2, 4, int>``."""
     id_type = ID_TYPE_NAMES[np.dtype(id_dtype)]
     if Axis(axis) is Axis.SEQUENCE:
-        return f"gather_mean_sequence<{fmt}, {word_bytes}, {lanes}, {words_per_lane}, {id_type}>"
-    return f"gather_mean_embedding<{fmt}, {word_bytes}, {lanes}, {id_type}>"
+        return (f"gather_mean_sequence<{fmt}, {config.word_bytes}, {config.lanes}, "
+                f"{config.words_per_lane}, {config.rows_in_flight}, {id_type}>")
+    return f"gather_mean_embedding<{fmt}, {config.word_bytes}, {config.lanes}, {id_type}>"
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +134,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     bad_position = cupy.full(1, batch * length, dtype=cupy.int64)
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
-    name = kernel_name(axis, fmt, word_bytes, config.lanes, config.words_per_lane, d_ids.dtype)
+    name = kernel_name(axis, fmt, config, d_ids.dtype)
     kernel = _kernel(cupy.cuda.Device().id, fmt, d_ids.dtype.str, name)
     args = (d_table, d_ids, np.int64(batch), np.int64(length), np.int64(vocab),
             np.int64(config.words_per_row), np.int32(bool(mask_zero)), d_out, bad_position)
@@ -179,6 +180,6 @@ def all_kernel_names(max_dim: int = 4096, id_dtypes=tuple(ID_TYPE_NAMES)) -> lis
                 for axis in (Axis.SEQUENCE, Axis.EMBEDDING):
                     config = launch.gpu_launch(axis, 1, 1, dim, item, word)
                     for id_dtype in id_dtypes:
-                        names.add(kernel_name(axis, fmt, word, config.lanes, config.words_per_lane, id_dtype))
+                        names.add(kernel_name(axis, fmt, config, id_dtype))
                 word *= 2
     return sorted(names)

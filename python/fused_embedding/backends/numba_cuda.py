@@ -147,7 +147,8 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
     if axis is Axis.SEQUENCE:
-        kernel = kernels.make_gather_mean_sequence(fmt, word.str, config.lanes, config.words_per_lane)
+        kernel = kernels.make_gather_mean_sequence(fmt, word.str, config.lanes, config.words_per_lane,
+                                                   config.rows_in_flight)
     else:
         kernel = kernels.make_gather_mean_embedding(fmt, word.str, config.lanes)
 
