@@ -17,8 +17,8 @@ from . import PreparedCall, out_of_range_error
 
 DEVICE = "cuda"
 
-# Widest load the Numba kernels issue: a uint64 (two float32, four bfloat16).
-# float16 is read as float16 (see kernels/cuda.py: the hardware converts it).
+# Widest load the Numba kernels issue: a uint64 (two float32, four float16 or
+# bfloat16; each float16 then widened by one hardware conversion, kernels/cuda.py).
 MAX_WORD_BYTES = {FORMAT_FLOAT32: 8, FORMAT_FLOAT16: 8, FORMAT_BFLOAT16: 8}
 # CUDA 13 supports compute capability 7.5 (Turing) and newer.
 MIN_COMPUTE_CAPABILITY = (7, 5)
