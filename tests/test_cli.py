@@ -112,7 +112,7 @@ def test_bytes_model_by_hand():
 def test_results_md_rewrites_only_its_section(tmp_path):
     first = cli.update_results_md(None, "cpu", "CPU table v1")
     assert "CPU table v1" in first and "## GPU" in first
-    begin, end = cli.MD_BEGIN.format(device="CPU"), cli.MD_END.format(device="CPU")
+    begin, end = cli.MD_BEGIN.format(device="CPU", generator=cli.MD_GENERATOR), cli.MD_END.format(device="CPU")
     assert first.index("## CPU") < first.index(begin) < first.index("CPU table v1") < first.index(end) \
         < first.index("## GPU")
     # What the lead pastes under GPU, and notes anywhere outside the markers, survive.
@@ -125,7 +125,7 @@ def test_results_md_rewrites_only_its_section(tmp_path):
     # A GPU run of the command gets its own marked section, the pasted text kept.
     third = cli.update_results_md(second, "gpu", "GPU bench table")
     assert "GPU bench table" in third and "| H100 | numba-cuda | 0.9 ms |" in third
-    assert third.count(cli.MD_BEGIN.format(device="GPU")) == 1
+    assert third.count(cli.MD_BEGIN.format(device="GPU", generator=cli.MD_GENERATOR)) == 1
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_quick_bench_writes_its_files(quick_run):
     png = (out / cli.RESULTS_PNG).read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     text = results_md.read_text()
-    assert cli.MD_BEGIN.format(device="CPU") in text and "## GPU" in text
+    assert cli.MD_BEGIN.format(device="CPU", generator=cli.MD_GENERATOR) in text and "## GPU" in text
     assert "| B=8 L=4 D=16 V=500 fp32 axis 1 | fused[cpu] |" in text
     assert results["machine"]["cpu"] in text
     assert (out / cli.RESULTS_MD).read_text().startswith("## CPU")
