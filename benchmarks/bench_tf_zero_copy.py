@@ -17,6 +17,12 @@ for RESULTS.md. Memory: the 2 GB table once, plus 2 GB transiently for the copy 
 instead times what the op costs beyond its kernel at a small batch (V=1,000,000):
 the core op, an empty tf.py_function (same inputs, a constant output), the op in
 tf.function and the unfused TF path, interleaved call by call (medians of 300).
+
+    python benchmarks/bench_tf_zero_copy.py --crossover [--length 16 --dim 64 --rounds 40]
+
+times the core op, the op in tf.function and the unfused TF path over a sweep of B
+(16 to 8192, V=1,000,000), each path in its own block of ``--rounds`` calls on rotated
+id sets, and reports the smallest B at which the op beats the unfused path.
 """
 from __future__ import annotations
 
@@ -84,6 +90,44 @@ def fixed_cost(args) -> str:
     return block
 
 
+CROSSOVER_BATCHES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def crossover(args) -> str:
+    """Block-timed medians over B: where the op (py_function's fixed cost included) starts to win."""
+    import tensorflow as tf
+
+    import fused_embedding as fe
+    import fused_embedding.tf as fe_tf
+    from fused_embedding import providers
+    vocab, dim, length = 1_000_000, args.dim, args.length
+    table = tf.constant(providers.random_table(np.random.default_rng(), vocab, dim, np.float32))  # [V][D]
+    table_view = np.asarray(table)
+    rng = np.random.default_rng()
+    fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    unfused = tf.function(lambda t, ids: tf.reduce_mean(tf.gather(t, ids), axis=1))  # writes [B][L][D]
+    lines = [f"### TF op against the unfused path over B (L={length}, D={dim})", "",
+             f"{machine_line(tf)}; V={vocab:,}, float32, axis 1; each path in its own block, "
+             f"medians of {args.rounds}.", "",
+             "| B | core op ms | tf op ms | unfused TF ms | unfused / tf op |", "| --- | --- | --- | --- | --- |"]
+    first_win = None
+    for batch in CROSSOVER_BATCHES:
+        n_sets = providers.id_set_count(batch, length, dim, np.float32)
+        id_sets = [rng.integers(0, vocab, (batch, length), dtype=np.int32) for _ in range(n_sets)]  # [B][L]
+        id_tensors = [tf.constant(ids) for ids in id_sets]
+        core = median_ms(lambda k: fe.embedding_mean(table_view, id_sets[k % n_sets]), args.rounds)
+        op = median_ms(lambda k: fused_op(table, id_tensors[k % n_sets]), args.rounds)
+        base = median_ms(lambda k: unfused(table, id_tensors[k % n_sets]), args.rounds)
+        if first_win is None and op < base:
+            first_win = batch
+        lines.append(f"| {batch} | {core:.3f} | {op:.3f} | {base:.3f} | {base / op:.2f}x |")
+    lines += ["", "The op first beats the unfused path at " +
+              (f"B={first_win}." if first_win else f"no B up to {CROSSOVER_BATCHES[-1]}.")]
+    block = "\n".join(lines)
+    print(block)
+    return block
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=8_000_000)
@@ -95,7 +139,15 @@ def main(argv=None) -> str:
     parser.add_argument("--fixed-cost", action="store_true",
                         help="time the op's cost beyond the kernel at a small batch instead "
                              "(defaults there: B=1, L=16, D=64)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="time the op against the unfused path over B instead (defaults there: "
+                             "L=16, D=64, 40 rounds)")
     args = parser.parse_args(argv)
+    if args.crossover:
+        for name, value in (("length", 16), ("rounds", 40)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        return crossover(args)
     if args.fixed_cost:
         for name, small in (("batch", 1), ("length", 16), ("dim", 64)):
             if getattr(args, name) == parser.get_default(name):
