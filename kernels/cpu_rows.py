@@ -18,10 +18,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..launch import CACHE_LINE_BYTES
 from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
 
 LANES = 16  # floats per vector: one cache line of float32, one zmm register
-CACHE_LINE_BYTES = 64
 
 
 def _widen(builder, raw, elem_type, fmt: int):

@@ -14,6 +14,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..launch import CACHE_LINE_BYTES
 from ..semantics import FORMAT_BFLOAT16
 
 
@@ -114,7 +115,7 @@ def elements_per_cache_line(array):
 
 @overload(elements_per_cache_line, inline="always")
 def _elements_per_cache_line(array):
-    per_line = max(1, 64 * 8 // array.dtype.bitwidth)
+    per_line = max(1, CACHE_LINE_BYTES * 8 // array.dtype.bitwidth)
     return lambda array: per_line
 
 

@@ -28,7 +28,7 @@ CPU_MEANS_AHEAD = 256
 # TF's or torch's, have just run), which is what a call this small takes
 # altogether (benchmarks/NOTES.md).
 CPU_SERIAL_MAX_BYTES = 256 << 10
-CACHE_LINE_BYTES = 64
+CACHE_LINE_BYTES = 64  # x86 and most other CPUs: the unit every prefetch and alignment here counts in
 
 
 def cpu_runs_serial(rows: int, row_bytes: int) -> bool:

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-CACHE_LINE_BYTES = 64
+from .launch import CACHE_LINE_BYTES
+
 HUGE_PAGE_BYTES = 2 << 20
 # NumPy asks Linux for transparent huge pages (madvise) on allocations of this many
 # bytes and more; smaller ones stay on 4 KB pages.
