@@ -24,12 +24,18 @@ from fused_embedding.semantics import Axis
 from fused_embedding.validation import compare, tolerance
 
 # (B, L, D, V, table dtype, axis), ordered by table so each table is made once.
+# The headline shape, its float16/bfloat16 and axis-2 twins, B=1, and the other
+# shapes the CPU targets name (L=1, L=512, D=16, D=512).
 CASES = [
     (1024, 64, 128, 1_000_000, "fp32", 1),
     (1024, 64, 128, 1_000_000, "fp32", 2),
     (1, 16, 128, 1_000_000, "fp32", 1),
+    (32768, 1, 128, 1_000_000, "fp32", 1),
+    (128, 512, 128, 1_000_000, "fp32", 1),
     (1024, 64, 128, 1_000_000, "fp16", 1),
     (1024, 64, 128, 1_000_000, "bf16", 1),
+    (8192, 64, 16, 1_000_000, "fp32", 1),
+    (512, 32, 512, 250_000, "fp32", 1),
 ]
 ROUNDS = 20
 CPU_PROVIDERS = [p for p in P.providers_for("cpu")]
