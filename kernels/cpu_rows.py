@@ -20,6 +20,7 @@ from numba.extending import intrinsic, overload
 
 from ..launch import CACHE_LINE_BYTES
 from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
+from .cpu_scalars import LOCALITY_READ_ONCE
 
 LANES = 16  # floats per vector: one cache line of float32, one zmm register
 
@@ -77,9 +78,9 @@ def _make_sum_rows(n_vectors: int, fmt: int):
 
             i32 = ir.IntType(32)
 
-            def prefetch_at(ptr, offset):  # read, keep in all cache levels, data
-                builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]),
-                                     ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
+                builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
+                                     ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
 
             # A table that is not 64-byte aligned (NumPy's are 16) puts every column
             # block across one line more than its size: that line is prefetched too
