@@ -1,6 +1,8 @@
 """Launch-configuration heuristics, one place for all backends."""
 from __future__ import annotations
 
+CACHE_LINE_BYTES = 64  # x86 and most other CPUs: the unit every prefetch and alignment here counts in
+
 # Parallel work items per CPU thread: a few, so a slow thread (the machine is
 # shared) does not hold up the rest, while each chunk still amortises its
 # accumulator allocation over many bags.
@@ -28,7 +30,6 @@ CPU_MEANS_AHEAD = 256
 # TF's or torch's, have just run), which is what a call this small takes
 # altogether (benchmarks/NOTES.md).
 CPU_SERIAL_MAX_BYTES = 256 << 10
-CACHE_LINE_BYTES = 64  # x86 and most other CPUs: the unit every prefetch and alignment here counts in
 
 
 def cpu_runs_serial(rows: int, row_bytes: int) -> bool:
