@@ -15,7 +15,8 @@
    CuPy and in PyTorch, and a device-to-device copy, all in this run, with CUDA
    events (warm-up, median of many, id sets rotated so the rows touched exceed
    L2). GB/s come from bytes_model.fused_bytes; % is of the copy's bandwidth.
-   Then the speed targets, each met or not met.
+   Then the speed targets, each met or not met, and the registers, local memory
+   (where spills would land) and shared memory of every Numba kernel compiled.
 4. With OUT set, writes gpu_check.json and gpu_check.md there.
 
 Needs numba-cuda; CuPy and PyTorch are optional (reported "missing"). Imports
@@ -800,6 +801,18 @@ def evaluate_targets(report, copy_gbs):
 
 
 # --- main ------------------------------------------------------------------------------
+def report_kernel_resources(report):
+    """Registers, local memory (spills land there) and shared memory of every Numba kernel
+    this run compiled, as the driver reports them."""
+    from fused_embedding.kernels import cuda as kernels
+    report.say("\n== Numba kernels compiled in this run (driver's figures)")
+    for name, dispatcher in kernels.BUILT_KERNELS:
+        for signature, kernel in dispatcher.overloads.items():
+            report.say(f"{name}: {kernel.regs_per_thread} registers/thread, {kernel.local_mem_per_thread} B "
+                       f"local/thread, {kernel.shared_mem_per_block} B shared/block "
+                       f"({', '.join(str(t) for t in signature)})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--simulate", action="store_true",
@@ -834,6 +847,10 @@ def main(argv=None):
             evaluate_targets(report, copy_gbs)
         except Exception:
             report.say("FAIL  timings stopped:\n" + traceback.format_exc())
+        try:
+            report_kernel_resources(report)
+        except Exception as exc:
+            report.note(f"kernel resources not read: {type(exc).__name__}: {exc}")
 
     statuses = [c["status"] for c in report.data["validation"]]
     passed, failed, skipped = statuses.count("PASS"), statuses.count("FAIL"), statuses.count("SKIP")

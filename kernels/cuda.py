@@ -53,6 +53,10 @@ BLOCK_THREADS = 256
 MAX_IDS_PER_STAGE = 32
 IDS_PER_LANE_PER_STAGE = 4
 
+# (name with its factory arguments, dispatcher) of every kernel the factories below have
+# made in this process: benchmarks/gpu_check.py reports their registers and local memory.
+BUILT_KERNELS = []
+
 # --- bit casts and the float16 decode: the one place the simulator needs twins ------------
 if SIMULATED:
     def float_from_bits(bits):
@@ -255,6 +259,8 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
 
     gather_mean_sequence.bags_per_block = bags_per_block
     gather_mean_sequence.tile_words = tile_words
+    BUILT_KERNELS.append((f"gather_mean_sequence(fmt={fmt}, word={word_dtype}, lanes={G}, "
+                          f"words_per_lane={K}, rows_in_flight={R})", gather_mean_sequence))
     return gather_mean_sequence
 
 
@@ -329,4 +335,6 @@ def make_gather_mean_embedding(fmt: int, word_dtype: str, lanes: int):
                 out[b, l] = write(float32(0.0))
 
     gather_mean_embedding.positions_per_block = positions_per_block
+    BUILT_KERNELS.append((f"gather_mean_embedding(fmt={fmt}, word={word_dtype}, lanes={G})",
+                          gather_mean_embedding))
     return gather_mean_embedding

@@ -322,3 +322,25 @@ def test_cupy_backend_raises_for_the_first_bad_id(rng, stand_in_cupy, axis):
     assert isinstance(empty, np.ndarray) and empty.shape == ((0, 4) if axis == 1 else (0, 7))
 
 
+
+
+def test_gpu_check_lists_each_compiled_kernels_resources(monkeypatch):
+    """The GPU check's kernel table, from the driver's attributes (stood in for here: the
+    simulator has no compiled kernels to ask)."""
+    import importlib.util
+    from types import SimpleNamespace
+    from fused_embedding.kernels import cuda as kernels
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    built = kernels.make_gather_mean_sequence(0, "uint64", 4, 2, 8)  # memoised: listed once
+    assert [k for _, k in kernels.BUILT_KERNELS].count(built) == 1
+    assert ("gather_mean_sequence(fmt=0, word=uint64, lanes=4, words_per_lane=2, rows_in_flight=8)"
+            in [name for name, _ in kernels.BUILT_KERNELS])
+    compiled = SimpleNamespace(regs_per_thread=48, local_mem_per_thread=0, shared_mem_per_block=2048)
+    monkeypatch.setattr(kernels, "BUILT_KERNELS",
+                        [("gather_mean_sequence(fmt=1, ...)", SimpleNamespace(overloads={("a", "b"): compiled}))])
+    report = gpu_check.Report()
+    gpu_check.report_kernel_resources(report)
+    assert report.lines[-1] == ("gather_mean_sequence(fmt=1, ...): 48 registers/thread, 0 B local/thread, "
+                                "2048 B shared/block (a, b)")
