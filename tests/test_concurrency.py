@@ -35,6 +35,20 @@ THREAD_CASES = [
 ]
 
 
+# Calls this small run on the calling thread (launch.CPU_SERIAL_MAX_BYTES); these tests
+# are about parallel launches from many threads, so they lift that threshold, and run
+# once more with it for the serial entry points.
+FORCE_PARALLEL = "from fused_embedding import launch; launch.CPU_SERIAL_MAX_BYTES = 0"
+
+
+@pytest.fixture(params=["parallel", "small-calls-serial"])
+def schedule(request, monkeypatch):
+    if request.param == "parallel":
+        from fused_embedding import launch
+        monkeypatch.setattr(launch, "CPU_SERIAL_MAX_BYTES", 0)
+    return request.param
+
+
 def thread_inputs(rng):
     """Per thread: (table, ids, axis, mask_zero, float64 expected); shapes differ between threads."""
     cases = []
@@ -76,7 +90,7 @@ def run_threads(call, cases, calls_per_thread=CALLS_PER_THREAD):
     return failures
 
 
-def test_core_op_from_8_threads(rng):
+def test_core_op_from_8_threads(rng, schedule):
     cases = thread_inputs(rng)
     failures = run_threads(
         lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
@@ -86,7 +100,7 @@ def test_core_op_from_8_threads(rng):
 
 @pytest.mark.parametrize("case_index, read_only", [(0, False), (1, True)],
                          ids=["axis1-writable", "axis2-read-only"])
-def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only):
+def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only, schedule):
     """All threads on the same table and ids (the usual serving case).
 
     A read-only table on axis 2 is the one the backend may cache row means for:
@@ -128,6 +142,7 @@ WORKQUEUE_SCRIPT = textwrap.dedent("""
     import numba, numpy as np
     import fused_embedding as fe
     import test_concurrency as tc
+    {force_parallel}
     cases = tc.thread_inputs(np.random.default_rng({seed}))
     failures = tc.run_threads(lambda t, i, a, m: fe.embedding_mean(t, i, axis=a, mask_zero=m, backend="cpu"),
                               cases, calls_per_thread={calls})
@@ -139,7 +154,7 @@ WORKQUEUE_SCRIPT = textwrap.dedent("""
 def test_core_op_from_8_threads_under_numba_workqueue(rng):
     """Numba's workqueue layer aborts on concurrent launches: the cpu backend must serialise them."""
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
-    script = WORKQUEUE_SCRIPT.format(seed=int(rng.integers(2**32)), calls=50)
+    script = WORKQUEUE_SCRIPT.format(seed=int(rng.integers(2**32)), calls=50, force_parallel=FORCE_PARALLEL)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=os.path.dirname(__file__),
                             capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
     assert result.returncode == 0, (f"exit status {result.returncode}\n"
@@ -147,7 +162,7 @@ def test_core_op_from_8_threads_under_numba_workqueue(rng):
     assert "threading layer: workqueue" in result.stdout
 
 
-def test_tf_op_from_8_threads(rng):
+def test_tf_op_from_8_threads(rng, schedule):
     """The TF op, eagerly in four threads and through one shared tf.function in four."""
     tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
     try:
@@ -182,6 +197,7 @@ FORK_SCRIPT = textwrap.dedent("""
     import fused_embedding as fe
     from fused_embedding.reference import embedding_mean_reference
     from fused_embedding.validation import compare, tolerance
+    {force_parallel}
 
     def child(queue, table, ids):
         reports = []
@@ -198,6 +214,8 @@ FORK_SCRIPT = textwrap.dedent("""
         ids = rng.integers(0, 500, (40, 9))
         for axis in (1, 2):  # the parent has used the parallel kernels (and so its threading layer)
             fe.embedding_mean(table, ids, axis=axis, backend="cpu")
+        import numba
+        print("parent's threading layer:", numba.threading_layer())  # raises if nothing ran in parallel
         # A thread still calling the op while the fork happens: its lock must not stay held in the child.
         busy = threading.Thread(target=lambda: [fe.embedding_mean(table, ids, backend="cpu") for _ in range(2000)])
         busy.start()
@@ -224,7 +242,8 @@ def test_forked_workers_after_the_parent_used_the_op(rng, layer):
     env = dict(os.environ)
     if layer != "default":
         env["NUMBA_THREADING_LAYER"] = layer
-    script = FORK_SCRIPT.format(seed=int(rng.integers(2**32)), timeout=JOIN_TIMEOUT_S)
+    script = FORK_SCRIPT.format(seed=int(rng.integers(2**32)), timeout=JOIN_TIMEOUT_S,
+                                force_parallel=FORCE_PARALLEL)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=JOIN_TIMEOUT_S + 60)
     output = f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
