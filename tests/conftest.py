@@ -24,3 +24,30 @@ def pytest_report_header(config):
 def rng(request):
     """A generator per test, from the run's seed and the test's id."""
     return np.random.default_rng([TEST_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture
+def cpu_launches(monkeypatch):
+    """Every kernel launch of the cpu backend during the test, in order, as (arguments, serial)."""
+    from fused_embedding.backends import cpu as cpu_backend
+    launches = []
+    real = cpu_backend._launch
+
+    def recorded(kernel, *args, serial=False):
+        launches.append((args, serial))
+        return real(kernel, *args, serial=serial)
+
+    monkeypatch.setattr(cpu_backend, "_launch", recorded)
+    return launches
+
+
+def numba_cuda_device_skip_reason(why_not_simulated: str):
+    """Why a test needing numba-cuda on a real GPU can't run here, or None when it can."""
+    from fused_embedding import backends
+    reason = backends.unavailable_reason("numba-cuda")
+    if reason is not None:
+        return f"backend 'numba-cuda' unavailable: {reason}"
+    from numba.core import config
+    if config.ENABLE_CUDASIM:
+        return why_not_simulated
+    return None

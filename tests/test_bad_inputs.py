@@ -220,24 +220,18 @@ def test_strided_inputs_give_the_right_result(rng, layout, table_dtype, axis, ba
     assert_close(fe.embedding_mean(table, ids, axis=axis, backend=backend), expected, table_dtype)
 
 
-def arrays_handed_to_cpu_kernels(monkeypatch) -> list:
-    """A list that collects every argument the cpu backend launches a kernel with, from now on."""
-    from fused_embedding.backends import cpu as cpu_backend
-    handed = []
-    real = cpu_backend._launch
-    monkeypatch.setattr(cpu_backend, "_launch",
-                        lambda kernel, *args, **options: handed.extend(args) or real(kernel, *args, **options))
-    return handed
+def arrays_handed(launches) -> list:
+    """The arrays among the arguments of the recorded cpu kernel launches (conftest.cpu_launches)."""
+    return [a for args, _ in launches for a in args if isinstance(a, np.ndarray)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("axis", [1, 2])
-def test_strided_inputs_are_read_in_place(rng, monkeypatch, layout, axis):
+def test_strided_inputs_are_read_in_place(rng, cpu_launches, layout, axis):
     """The cpu kernels are handed the caller's table buffer; ids are copied only when not C-contiguous."""
     table, ids = strided_inputs(rng, layout, np.float16)
-    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     fe.embedding_mean(table, ids, axis=axis, backend="cpu")
-    arrays = [a for a in handed if isinstance(a, np.ndarray)]
+    arrays = arrays_handed(cpu_launches)
     assert any(np.shares_memory(a, table) for a in arrays), "the kernel got a copy of the table"
     if ids.flags.c_contiguous:
         assert any(np.shares_memory(a, ids) for a in arrays), "the kernel got a copy of C-contiguous ids"
@@ -264,28 +258,26 @@ def test_no_table_sized_allocation_on_cpu(rng, layout):
     assert peak < table_bytes / 10, f"peak traced allocation {peak} bytes vs a {table_bytes}-byte table"
 
 
-def test_memory_mapped_table_is_read_in_place(rng, tmp_path, monkeypatch):
+def test_memory_mapped_table_is_read_in_place(rng, tmp_path, cpu_launches):
     """A table in a file (np.memmap, read-only): the right rows, read from the mapping itself."""
     table, ids = random_inputs(rng, 300, 16, 5, 7)
     path = tmp_path / "table.f32"
     table.tofile(path)
     mapped = np.memmap(path, dtype=np.float32, mode="r", shape=table.shape)
-    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     for axis in (1, 2):
         assert_close(fe.embedding_mean(mapped, ids, axis=axis, backend="cpu"),
                      embedding_mean_reference(table, ids, axis), np.float32)
-    assert any(isinstance(a, np.ndarray) and np.shares_memory(a, mapped) for a in handed)
+    assert any(np.shares_memory(a, mapped) for a in arrays_handed(cpu_launches))
 
 
-def test_torch_cpu_tensors_are_read_in_place(rng, monkeypatch):
+def test_torch_cpu_tensors_are_read_in_place(rng, cpu_launches):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     table, ids = random_inputs(rng, 300, 16, 5, 7, id_dtype=np.int64)
     table_tensor, ids_tensor = torch.from_numpy(table), torch.from_numpy(ids)
-    handed = arrays_handed_to_cpu_kernels(monkeypatch)
     result = fe.embedding_mean(table_tensor, ids_tensor, backend="cpu")
     assert isinstance(result, np.ndarray)
     assert_close(result, embedding_mean_reference(table, ids), np.float32)
-    assert any(isinstance(a, np.ndarray) and np.shares_memory(a, table) for a in handed)
+    assert any(np.shares_memory(a, table) for a in arrays_handed(cpu_launches))
 
 
 # --- devices and backends -----------------------------------------------------------------

@@ -19,6 +19,7 @@ import fused_embedding as fe
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16
 from fused_embedding.validation import compare, random_inputs, tolerance
+from conftest import numba_cuda_device_skip_reason
 
 THREADS = 8
 CALLS_PER_THREAD = 200
@@ -117,15 +118,9 @@ def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only, schedu
 
 
 def gpu_skip_reason():
-    from fused_embedding import backends
-    reason = backends.unavailable_reason("numba-cuda")
-    if reason is not None:
-        return f"backend 'numba-cuda' unavailable: {reason}"
-    from numba.core import config
-    if config.ENABLE_CUDASIM:
-        return ("the CUDA simulator is not thread-safe: launches from several Python threads at once "
-                "fail inside it (its fake cuda module is swapped per launch)")
-    return None
+    return numba_cuda_device_skip_reason(
+        "the CUDA simulator is not thread-safe: launches from several Python threads at once "
+        "fail inside it (its fake cuda module is swapped per launch)")
 
 
 @pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))

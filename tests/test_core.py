@@ -76,18 +76,13 @@ def test_serial_and_parallel_kernels_both_match_reference(rng, monkeypatch, seri
             fe.embedding_mean(table, bad, axis=axis, backend="cpu")
 
 
-def test_small_calls_run_serial_and_large_ones_parallel(rng, monkeypatch):
+def test_small_calls_run_serial_and_large_ones_parallel(rng, cpu_launches):
     from fused_embedding import launch
-    from fused_embedding.backends import cpu as cpu_backend
-    serial_flags = []
-    real = cpu_backend._launch
-    monkeypatch.setattr(cpu_backend, "_launch",
-                        lambda kernel, *a, serial=False: serial_flags.append(serial) or real(kernel, *a, serial=serial))
     table = rng.standard_normal((5000, 128), dtype=np.float32)  # 512-byte rows
     small_rows = launch.CPU_SERIAL_MAX_BYTES // 512
     fe.embedding_mean(table, rng.integers(0, 5000, (1, small_rows)), backend="cpu")
     fe.embedding_mean(table, rng.integers(0, 5000, (2, small_rows)), backend="cpu")
-    assert serial_flags == [True, False]
+    assert [serial for _, serial in cpu_launches] == [True, False]
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -160,15 +155,11 @@ def test_backend_selection(rng, monkeypatch):
     assert calls == [1]
 
 
-def test_cpu_kernel_takes_the_callers_table_without_copying(rng, monkeypatch):
-    from fused_embedding.backends import cpu as cpu_backend
+def test_cpu_kernel_takes_the_callers_table_without_copying(rng, cpu_launches):
     table, ids = random_inputs(rng, 20, 4, 3, 5)
-    seen = []
-    real = cpu_backend._launch
-    monkeypatch.setattr(cpu_backend, "_launch",
-                        lambda kernel, t, *a, **kw: seen.append(t) or real(kernel, t, *a, **kw))
     fe.embedding_mean(table, ids, backend="cpu")
-    assert np.shares_memory(seen[0], table)
+    first_launch_args, _ = cpu_launches[0]
+    assert np.shares_memory(first_launch_args[0], table)
 
 
 # --- against Keras itself ---------------------------------------------------------------

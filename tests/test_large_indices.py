@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import fused_embedding as fe
-from fused_embedding import backends
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.validation import assert_close
+from conftest import numba_cuda_device_skip_reason
 
 psutil = pytest.importorskip("psutil", reason="psutil measures resident memory")
 
@@ -79,14 +79,9 @@ def test_cpu_reads_rows_past_2_to_the_31(rng, vocab, dim, table_dtype, id_dtype)
 
 
 def gpu_skip_reason():
-    reason = backends.unavailable_reason("numba-cuda")
-    if reason is not None:
-        return f"backend 'numba-cuda' unavailable: {reason}"
-    from numba.core import config
-    if config.ENABLE_CUDASIM:
-        return ("the CUDA simulator indexes with 64-bit NumPy integers, so it cannot show a 32-bit "
-                "overflow, and it copies the whole (multi-GB) host table to its simulated device")
-    return None
+    return numba_cuda_device_skip_reason(
+        "the CUDA simulator indexes with 64-bit NumPy integers, so it cannot show a 32-bit "
+        "overflow, and it copies the whole (multi-GB) host table to its simulated device")
 
 
 @pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))

@@ -32,9 +32,6 @@ MAX_TABLES = 4
 
 _lock = threading.Lock()
 _entries: OrderedDict = OrderedDict()  # key -> (table, means [V] float32)
-# The entry last returned, looked up by identity first: a caller passing the same
-# array object again (the usual case) skips building the key and the locked lookup.
-_last = None  # (table, means) or None
 
 
 def is_constant(table: np.ndarray) -> bool:
@@ -58,25 +55,19 @@ def _key(table: np.ndarray):
 def row_means(table: np.ndarray, compute) -> np.ndarray | None:
     """The cached float32 row means of a constant table ([V]), computed by ``compute(table)``
     on a miss; None for a table that may change (the caller runs the direct kernel)."""
-    global _last
+    key = _key(table)
     if not is_constant(table):
         with _lock:  # seen writable: whatever was cached at this address may be stale
-            _entries.pop(_key(table), None)
-            _last = None
+            _entries.pop(key, None)
         return None
-    last = _last
-    if last is not None and last[0] is table:
-        return last[1]
-    key = _key(table)
     with _lock:
         entry = _entries.get(key)
         if entry is not None:
             _entries.move_to_end(key)
-            _last = entry
             return entry[1]
     means = compute(table)
     with _lock:
-        _entries[key] = _last = (table, means)
+        _entries[key] = (table, means)
         while len(_entries) > MAX_TABLES:
             _entries.popitem(last=False)
     return means
@@ -84,10 +75,8 @@ def row_means(table: np.ndarray, compute) -> np.ndarray | None:
 
 def clear() -> None:
     """Drop every cached table (and the references that kept them alive)."""
-    global _last
     with _lock:
         _entries.clear()
-        _last = None
 
 
 def cached_tables() -> int:

@@ -94,8 +94,8 @@ def raise_first_bad_id(bad_position, ids, vocab: int) -> None:
     bad_position: host int array [B], -1 where the bag's ids were all in range.
     """
     import numpy as np
-    if bad_position.size == 0 or bad_position.max() < 0:
-        return
-    row = int(np.flatnonzero(bad_position >= 0)[0])
-    col = int(bad_position[row])
-    raise out_of_range_error(int(ids[row, col]), row, col, vocab)
+    bad_bags = np.flatnonzero(bad_position >= 0)
+    if bad_bags.size:
+        row = int(bad_bags[0])
+        col = int(bad_position[row])
+        raise out_of_range_error(int(ids[row, col]), row, col, vocab)

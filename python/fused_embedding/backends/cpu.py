@@ -102,8 +102,6 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     bad_position = np.empty(batch, dtype=np.int64)
     fmt = table_format(table.dtype)
     bags_per_chunk = launch.cpu_bags_per_chunk(batch, get_num_threads())
-    row_bytes = table.shape[1] * table.dtype.itemsize
-    rows_ahead = launch.cpu_rows_ahead(row_bytes)
     means = row_mean_cache.row_means(table, _row_means) if axis is Axis.EMBEDDING else None
     if means is not None:  # axis 2 on a constant table: B*L scalar reads
         bad_bags = _launch(kernels.gather_row_means, means, ids, mask_zero, fmt, bags_per_chunk,
@@ -112,8 +110,9 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     else:
         kernel = (kernels.gather_mean_sequence if axis is Axis.SEQUENCE
                   else kernels.gather_mean_embedding)
-        bad_bags = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk, rows_ahead,
-                           _bits(out), bad_position,
+        row_bytes = table.shape[1] * table.dtype.itemsize
+        bad_bags = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
+                           launch.cpu_rows_ahead(row_bytes), _bits(out), bad_position,
                            serial=launch.cpu_runs_serial(batch * length, row_bytes))
     if bad_bags:
         raise_first_bad_id(bad_position, ids, table.shape[0])
