@@ -2,12 +2,12 @@
 
 Each kernel makes one pass over the ids: it checks bounds, skips padding,
 accumulates rows in float32 and writes the result, never the (B, L, D)
-intermediate. Bags are split into chunks, one parallel iteration per chunk, so
-the float32 accumulator is allocated once per chunk, not per bag. A bag with an
-out-of-range id stops at it and records its position in ``bad_position``; the
-host raises after the launch (no second pass over the ids). The gather kernels
-return how many bags met a bad id, so the host looks at ``bad_position`` only
-when there is one.
+intermediate. Bags are split into chunks (``launch.cpu_bags_per_chunk``), one
+parallel iteration per chunk, so the float32 accumulator is allocated once per
+chunk, not per bag. A bag with an out-of-range id stops at it; the gather
+kernels return the smallest flat position ``b * L + l`` of a bad id, or B*L
+when every id is in range (the GPU kernels' convention), and the host raises
+after the launch (no second pass over the ids).
 
 Arrays: table [V][D] float32 or uint16 bits of float16/bfloat16 (``fmt``);
 ids [B][L] int32/int64; out float32 or uint16 bits in the table's format.
@@ -49,19 +49,20 @@ def _prefetch_rows(table, flat_ids, start, stop):
 
 
 @njit(inline="always")
-def _collect_rows(ids, b, vocab, mask_zero, rows, bad_position):
-    """rows[:count] = the bag's counted ids; records the first bad position. Returns count."""
+def _collect_rows(ids, b, vocab, mask_zero, rows):
+    """rows[:count] = the bag's counted ids, up to its first bad id.
+
+    Returns (count, the column of the first bad id or -1).
+    """
     count = 0
-    bad_position[b] = -1
     for l in range(ids.shape[1]):
         r = ids[b, l]
         if r < 0 or r >= vocab:
-            bad_position[b] = l
-            break
+            return count, l
         if not (mask_zero and r == 0):
             rows[count] = r
             count += 1
-    return count
+    return count, -1
 
 
 @njit(inline="always")
@@ -77,7 +78,7 @@ def _store_means(out, b, acc, count, fmt):
 
 
 @njit(inline="always")
-def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """out[b, :] = mean of table[ids[b, l], :] over the counted positions l.  [B][D]
 
     Columns go in passes of 128 and then 16 with the accumulators in vector
@@ -89,7 +90,7 @@ def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead
     vocab, dim = table.shape
     flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
-    bad_bags = 0
+    first_bad = batch * length
     for chunk in prange(n_chunks):
         acc = np.empty(dim, dtype=np.float32)   # [D], one per chunk
         rows = np.empty(length, dtype=np.int64)  # [L], the bag's counted ids
@@ -98,9 +99,9 @@ def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead
         end = last * length
         _prefetch_rows(table, flat_ids, first * length, min(end, first * length + rows_ahead))
         for b in range(first, last):
-            count = _collect_rows(ids, b, vocab, mask_zero, rows, bad_position)
-            if bad_position[b] >= 0:
-                bad_bags += 1
+            count, bad_col = _collect_rows(ids, b, vocab, mask_zero, rows)
+            if bad_col >= 0:
+                first_bad = min(first_bad, b * length + bad_col)
             ahead = b * length + rows_ahead
             col = sum_vector_columns(table, rows, count, fmt, flat_ids, ahead, end, acc)
             if col < dim:
@@ -112,22 +113,19 @@ def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead
                     for d in range(col, dim):
                         acc[d] += widen(table[r, d], fmt)
             _store_means(out, b, acc, count, fmt)
-    return bad_bags
+    return first_bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+def gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """_gather_mean_sequence on Numba's thread team."""
-    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk,
-                                 rows_ahead, out, bad_position)
+    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
 
 
 @njit(cache=True, nogil=True)
-def gather_mean_sequence_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out,
-                                bad_position):
+def gather_mean_sequence_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """_gather_mean_sequence on the calling thread."""
-    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk,
-                                 rows_ahead, out, bad_position)
+    return _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
 
 
 @njit(inline="always", fastmath={"reassoc"})
@@ -140,47 +138,42 @@ def _row_mean(table, r, fmt):
 
 
 @njit(inline="always")
-def _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+def _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """out[b, l] = mean over d of table[ids[b, l], d]; padding gives 0.  [B][L]"""
     batch, length = ids.shape
     vocab = table.shape[0]
     flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
-    bad_bags = 0
+    first_bad = batch * length
     for chunk in prange(n_chunks):
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
         end = last * length
         for b in range(first, last):
-            bad_position[b] = -1
             for l in range(length):
                 p = b * length + l + rows_ahead
                 _prefetch_rows(table, flat_ids, p, min(end, p + 1))
                 r = ids[b, l]
                 if r < 0 or r >= vocab:
-                    bad_position[b] = l
-                    bad_bags += 1
+                    first_bad = min(first_bad, b * length + l)
                     break
                 if mask_zero and r == 0:
                     store(out, b, l, np.float32(0.0), fmt)
                 else:
                     store(out, b, l, _row_mean(table, r, fmt), fmt)
-    return bad_bags
+    return first_bad
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out, bad_position):
+def gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """_gather_mean_embedding on Numba's thread team."""
-    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk,
-                                  rows_ahead, out, bad_position)
+    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def gather_mean_embedding_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out,
-                                 bad_position):
+def gather_mean_embedding_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """_gather_mean_embedding on the calling thread."""
-    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk,
-                                  rows_ahead, out, bad_position)
+    return _gather_mean_embedding(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
 
 
 @njit(inline="always")
@@ -206,7 +199,7 @@ def row_means_serial(table, fmt, out):
 
 
 @njit(inline="always")
-def _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out, bad_position):
+def _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out):
     """out[b, l] = means[ids[b, l]]; padding gives 0.  [B][L], reads B*L ids and means.
 
     Each id's mean is prefetched means_ahead ids ahead (launch.CPU_MEANS_AHEAD):
@@ -217,7 +210,7 @@ def _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, o
     means_as_rows = means.reshape((vocab, 1))  # a view: what prefetch() takes
     flat_ids = ids.reshape(-1)
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
-    bad_bags = 0
+    first_bad = batch * length
     for chunk in prange(n_chunks):
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
@@ -225,34 +218,29 @@ def _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, o
         for p in range(first * length, min(end, first * length + means_ahead)):
             prefetch(means_as_rows, flat_ids[p], 0)
         for b in range(first, last):
-            bad_position[b] = -1
             for l in range(length):
                 ahead = b * length + l + means_ahead
                 if ahead < end:
                     prefetch(means_as_rows, flat_ids[ahead], 0)
                 r = ids[b, l]
                 if r < 0 or r >= vocab:
-                    bad_position[b] = l
-                    bad_bags += 1
+                    first_bad = min(first_bad, b * length + l)
                     break
                 value = np.float32(0.0) if mask_zero and r == 0 else means[r]
                 store(out, b, l, value, fmt)
-    return bad_bags
+    return first_bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out, bad_position):
+def gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out):
     """_gather_row_means on Numba's thread team."""
-    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk,
-                             means_ahead, out, bad_position)
+    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out)
 
 
 @njit(cache=True, nogil=True)
-def gather_row_means_serial(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out,
-                            bad_position):
+def gather_row_means_serial(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out):
     """_gather_row_means on the calling thread."""
-    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk,
-                             means_ahead, out, bad_position)
+    return _gather_row_means(means, ids, mask_zero, fmt, bags_per_chunk, means_ahead, out)
 
 
 # The serial entry point of each parallel kernel.

@@ -72,6 +72,7 @@ def test_serial_and_parallel_kernels_both_match_reference(rng, monkeypatch, seri
             assert_close(out, expected, table_dtype)
         bad = ids.copy()
         bad[batch // 2, length - 1] = vocab
+        bad[batch - 1, 0] = -1  # a later bad id, in another chunk: the first in row order is named
         with pytest.raises(IndexError, match=rf"id {vocab} at ids\[{batch // 2}, {length - 1}\]"):
             fe.embedding_mean(table, bad, axis=axis, backend="cpu")
 

@@ -36,13 +36,16 @@ def device_of(array) -> str:
     return "cpu"
 
 
+_AXES = {1: Axis.SEQUENCE, 2: Axis.EMBEDDING, -1: Axis.EMBEDDING}
+
+
 def normalize_axis(axis) -> Axis:
+    if type(axis) is int and axis in _AXES:  # the common case, before the type checks below
+        return _AXES[axis]
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"axis must be an int (1, 2 or -1), got {type(axis).__name__} {axis!r}")
-    if axis == 1:
-        return Axis.SEQUENCE
-    if axis in (2, -1):
-        return Axis.EMBEDDING
+    if axis in _AXES:
+        return _AXES[int(axis)]
     raise ValueError(f"axis must be 1 (mean over the sequence -> (B, D)) or 2 / -1 "
                      f"(mean over the embedding -> (B, L)), got {axis}")
 
@@ -50,15 +53,16 @@ def normalize_axis(axis) -> Axis:
 def _check_inputs(table, ids, mask_zero) -> None:
     if not isinstance(mask_zero, (bool, np.bool_)):
         raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
-    table_dtype = np.dtype(table.dtype)
-    if table_dtype not in TABLE_FORMATS:
-        raise TypeError(f"table must be float32, float16 or bfloat16, got {table_dtype}")
+    # A NumPy dtype is looked up as is (the common case); anything else that names one
+    # (a scalar type, a string) goes through np.dtype first.
+    if table.dtype not in TABLE_FORMATS and np.dtype(table.dtype) not in TABLE_FORMATS:
+        raise TypeError(f"table must be float32, float16 or bfloat16, got {np.dtype(table.dtype)}")
     if table.ndim != 2:
         raise ValueError(f"table must be 2-D (V, D), got {table.ndim}-D with shape {tuple(table.shape)}")
     if table.shape[1] < 1:
         raise ValueError(f"table must have at least one column (D >= 1), got shape {tuple(table.shape)}")
-    ids_dtype = np.dtype(ids.dtype)
-    if ids_dtype not in ID_DTYPES:
+    if ids.dtype not in ID_DTYPES and np.dtype(ids.dtype) not in ID_DTYPES:
+        ids_dtype = np.dtype(ids.dtype)
         hint = " (float ids are not truncated as Keras does)" if ids_dtype.kind in "fc" else ""
         raise TypeError(f"ids must be int32 or int64, got {ids_dtype}{hint}")
     if ids.ndim != 2:
@@ -129,7 +133,7 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
     module = backends.get(name)
     batch, length = ids.shape
     shape = output_shape(axis, batch, length, table.shape[1])
-    out_bytes = shape[0] * shape[1] * np.dtype(table.dtype).itemsize
+    out_bytes = shape[0] * shape[1] * table.dtype.itemsize
     # Asking a device for its free memory costs a driver call; an output under
     # MEMORY_CHECK_MIN_BYTES that still doesn't fit fails in the allocator with
     # that library's out-of-memory error, before the kernel runs.

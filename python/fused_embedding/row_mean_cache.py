@@ -49,7 +49,7 @@ def is_constant(table: np.ndarray) -> bool:
 
 
 def _key(table: np.ndarray):
-    return (table.__array_interface__["data"][0], table.shape, table.strides, table.dtype.str)
+    return (table.__array_interface__["data"][0], table.shape, table.strides, table.dtype)
 
 
 def row_means(table: np.ndarray, compute) -> np.ndarray | None:

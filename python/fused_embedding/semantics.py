@@ -44,7 +44,8 @@ ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 def table_format(dtype) -> int:
     """The kernel's code for a table dtype (float32, float16, bfloat16)."""
-    return TABLE_FORMATS[np.dtype(dtype)]
+    code = TABLE_FORMATS.get(dtype)  # a NumPy dtype, the common case: no conversion
+    return code if code is not None else TABLE_FORMATS[np.dtype(dtype)]
 
 
 def output_shape(axis: Axis, batch: int, length: int, dim: int) -> tuple[int, int]:

@@ -88,14 +88,8 @@ def out_of_range_error(bad_id: int, row: int, col: int, vocab: int) -> IndexErro
         f"(expected 0 <= id < {vocab})")
 
 
-def raise_first_bad_id(bad_position, ids, vocab: int) -> None:
-    """Raise for the first bag (in row order) whose kernel pass met a bad id.
-
-    bad_position: host int array [B], -1 where the bag's ids were all in range.
-    """
-    import numpy as np
-    bad_bags = np.flatnonzero(bad_position >= 0)
-    if bad_bags.size:
-        row = int(bad_bags[0])
-        col = int(bad_position[row])
-        raise out_of_range_error(int(ids[row, col]), row, col, vocab)
+def raise_bad_id_at(flat_position: int, ids, vocab: int) -> None:
+    """Raise for the id at ``flat_position`` (``b * L + l``) of host ids [B][L], as a
+    kernel reported it: the first out-of-range id in row order."""
+    row, col = divmod(int(flat_position), ids.shape[1])
+    raise out_of_range_error(int(ids[row, col]), row, col, vocab)

@@ -5,12 +5,12 @@ import os
 import threading
 
 import numpy as np
-from numba import get_num_threads  # no numba: the registry reports this backend unavailable
+import numba  # no numba: the registry reports this backend unavailable
 
 from .. import launch, row_mean_cache
 from ..memory import empty_on_huge_pages
 from ..semantics import Axis, table_format, output_shape
-from . import raise_first_bad_id
+from . import raise_bad_id_at
 from .numpy import host_memory_available
 
 DEVICE = "cpu"
@@ -46,7 +46,6 @@ _forked_from_gnu_openmp = False
 def _after_fork_in_child():
     global _forked_from_gnu_openmp, _launch_lock
     _launch_lock = threading.Lock()  # one held by another parent thread would stay held here
-    import numba
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel launch in the parent: the child starts its own layer
@@ -72,7 +71,6 @@ def _launch(kernel, *args, serial=False):
     with _launch_lock:
         result = kernel(*args)
         if _serialise_launches is None:
-            import numba
             _serialise_launches = numba.threading_layer() == "workqueue"
     return result
 
@@ -99,23 +97,25 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     batch, length = ids.shape
     if out is None:
         out = np.empty(output_shape(axis, batch, length, table.shape[1]), dtype=table.dtype)
-    bad_position = np.empty(batch, dtype=np.int64)
     fmt = table_format(table.dtype)
-    bags_per_chunk = launch.cpu_bags_per_chunk(batch, get_num_threads())
+    # The team's full size, not numba.get_num_threads() (which a caller may lower per
+    # thread): the chunks only need to outnumber the threads, and that call costs
+    # 5-20 us, as much as a small call's kernel.
+    bags_per_chunk = launch.cpu_bags_per_chunk(batch, numba.config.NUMBA_NUM_THREADS)
     means = row_mean_cache.row_means(table, _row_means) if axis is Axis.EMBEDDING else None
     if means is not None:  # axis 2 on a constant table: B*L scalar reads
-        bad_bags = _launch(kernels.gather_row_means, means, ids, mask_zero, fmt, bags_per_chunk,
-                           launch.CPU_MEANS_AHEAD, _bits(out), bad_position,
-                           serial=launch.cpu_runs_serial(batch * length, means.itemsize))
+        first_bad = _launch(kernels.gather_row_means, means, ids, mask_zero, fmt,
+                            bags_per_chunk, launch.CPU_MEANS_AHEAD, _bits(out),
+                            serial=launch.cpu_runs_serial(batch * length, means.itemsize))
     else:
         kernel = (kernels.gather_mean_sequence if axis is Axis.SEQUENCE
                   else kernels.gather_mean_embedding)
         row_bytes = table.shape[1] * table.dtype.itemsize
-        bad_bags = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                           launch.cpu_rows_ahead(row_bytes), _bits(out), bad_position,
-                           serial=launch.cpu_runs_serial(batch * length, row_bytes))
-    if bad_bags:
-        raise_first_bad_id(bad_position, ids, table.shape[0])
+        first_bad = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
+                            launch.cpu_rows_ahead(row_bytes), _bits(out),
+                            serial=launch.cpu_runs_serial(batch * length, row_bytes))
+    if first_bad < batch * length:
+        raise_bad_id_at(first_bad, ids, table.shape[0])
     return out
 
 
