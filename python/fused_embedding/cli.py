@@ -50,7 +50,10 @@ DEFAULT_CASES = [
 QUICK_CASES = [(1024, 64, 128, DEFAULT_VOCAB, "fp32")]
 
 # Timing: rounds of one call per provider, interleaved so that a burst of load
-# from elsewhere on a shared machine hits every provider alike.
+# from elsewhere on a shared machine hits every provider alike, in a fresh random
+# order each round: a call runs on caches (and TLB, branch predictors) left by
+# whichever call came before it, and with a fixed order each provider would always
+# follow the same one (Keras after the unfused TF path, which warms TF's code).
 REPEATS, QUICK_REPEATS = 30, 15
 MIN_ROUNDS = 5
 CASE_SECONDS, QUICK_CASE_SECONDS = 4.0, 2.0
@@ -443,7 +446,8 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
             bar.update(1)
     start = time.perf_counter()
     for rnd in range(repeats):
-        for m, run, times in runners:
+        for i in rng.permutation(len(runners)):
+            m, run, times = runners[i]
             if m["status"] != "ok":
                 continue
             k = (2 + rnd) % n_sets
@@ -579,7 +583,8 @@ def markdown_block(results, device) -> str:
         f"Copy bandwidth: {_fmt(copy.get('gb_per_s'), '.1f')} GB/s ({copy.get('what', copy.get('error', ''))}).  ",
         f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
         f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",
-        f"Median of interleaved calls (p20-p80), id sets rotated so rows come from DRAM; "
+        f"Median of interleaved calls, providers in a fresh random order each round (p20-p80), "
+        f"id sets rotated so rows come from DRAM; "
         f"GB/s: {results['bytes_model']}.",
         "",
         *summary_table(results, device),
