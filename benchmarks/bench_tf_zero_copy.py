@@ -93,6 +93,19 @@ def fixed_cost(args) -> str:
 CROSSOVER_BATCHES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+def crossover_sentence(wins) -> str:
+    """Where the op wins, from [(B, op faster), ...] in increasing B: from which B on it
+    always wins, and any smaller B where it also won (medians of a noisy machine)."""
+    losses = [batch for batch, won in wins if not won]
+    always = [batch for batch, won in wins if won and (not losses or batch > losses[-1])]
+    if not always:
+        return f"The op does not beat the unfused path at B={wins[-1][0]}, the largest tried."
+    earlier = [batch for batch, won in wins if won and batch < always[0]]
+    also = (f" (it also won at B={', '.join(map(str, earlier))}, and lost between)"
+            if earlier else "")
+    return f"The op beats the unfused path at every B from {always[0]} on{also}."
+
+
 def crossover(args) -> str:
     """Block-timed medians over B: where the op (py_function's fixed cost included) starts to win."""
     import tensorflow as tf
@@ -110,7 +123,7 @@ def crossover(args) -> str:
              f"{machine_line(tf)}; V={vocab:,}, float32, axis 1; each path in its own block, "
              f"medians of {args.rounds}.", "",
              "| B | core op ms | tf op ms | unfused TF ms | unfused / tf op |", "| --- | --- | --- | --- | --- |"]
-    first_win = None
+    wins = []  # (B, op faster than the unfused path)
     for batch in CROSSOVER_BATCHES:
         n_sets = providers.id_set_count(batch, length, dim, np.float32)
         id_sets = [rng.integers(0, vocab, (batch, length), dtype=np.int32) for _ in range(n_sets)]  # [B][L]
@@ -118,11 +131,9 @@ def crossover(args) -> str:
         core = median_ms(lambda k: fe.embedding_mean(table_view, id_sets[k % n_sets]), args.rounds)
         op = median_ms(lambda k: fused_op(table, id_tensors[k % n_sets]), args.rounds)
         base = median_ms(lambda k: unfused(table, id_tensors[k % n_sets]), args.rounds)
-        if first_win is None and op < base:
-            first_win = batch
+        wins.append((batch, op < base))
         lines.append(f"| {batch} | {core:.3f} | {op:.3f} | {base:.3f} | {base / op:.2f}x |")
-    lines += ["", "The op first beats the unfused path at " +
-              (f"B={first_win}." if first_win else f"no B up to {CROSSOVER_BATCHES[-1]}.")]
+    lines += ["", crossover_sentence(wins)]
     block = "\n".join(lines)
     print(block)
     return block

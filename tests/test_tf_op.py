@@ -247,3 +247,42 @@ def test_updated_variable_is_seen_on_axis_2(rng, update):
     else:
         variable.scatter_update(tf.IndexedSlices(new_rows, tf.range(VOCAB)))
     assert_close(np.asarray(op(ids)), embedding_mean_reference(new_rows, ids, 2), np.float32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("table_dtype", [np.float32, np.float16, BFLOAT16], ids=lambda d: np.dtype(d).name)
+def test_large_results_go_back_to_tf_without_a_copy(monkeypatch, rng, mode, table_dtype):
+    """A result of ALIGNED_OUTPUT_MIN_BYTES or more starts on a 64-byte line and TF takes
+    its buffer through DLPack (bfloat16, which NumPy can't export, is copied). TF's
+    kernels, which abort on unaligned data, then run on it, after the array is gone."""
+    from fused_embedding.memory import ALIGNED_OUTPUT_MIN_BYTES
+    results = []
+    hand_over = fused_tf._host_result
+
+    def spy(out):
+        results.append(out)
+        return hand_over(out)
+
+    monkeypatch.setattr(fused_tf, "_host_result", spy)
+    dim = 64
+    batch = ALIGNED_OUTPUT_MIN_BYTES // (dim * np.dtype(table_dtype).itemsize) + 3
+    table, ids = random_inputs(rng, 500, dim, batch, 5, table_dtype)
+    out = run_op(mode, tf.constant(table), tf.constant(ids))
+    (result,) = results
+    assert result.ctypes.data % fused_tf.TF_ALIGNMENT_BYTES == 0
+    shares = np.shares_memory(np.asarray(out), result)
+    assert shares == (np.dtype(table_dtype) != BFLOAT16)
+    expected = embedding_mean_reference(table, ids, Axis.SEQUENCE, mask_zero=False)
+    del result, results[:]
+    total = tf.reduce_sum(tf.cast(out, tf.float32), axis=0)  # a TF kernel on the handed-over buffer
+    assert_close(np.asarray(tf.cast(out, tf.float32)), expected, table_dtype)
+    np.testing.assert_allclose(np.asarray(total), expected.sum(axis=0), rtol=1e-2, atol=1e-2 * batch)
+
+
+def test_unaligned_large_results_are_copied_not_handed_over(rng):
+    """The numpy backend's results are NumPy's (16 bytes into a line): TF must copy them."""
+    table, ids = random_inputs(rng, 500, 64, 600, 5)
+    out = run_op("tf.function", tf.constant(table), tf.constant(ids), backend="numpy")
+    np.testing.assert_allclose(np.asarray(tf.reduce_sum(out, axis=1)),
+                               embedding_mean_reference(table, ids, Axis.SEQUENCE, False).sum(axis=1),
+                               rtol=1e-4, atol=1e-4)

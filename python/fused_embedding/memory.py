@@ -15,6 +15,11 @@ import numpy as np
 from .launch import CACHE_LINE_BYTES
 
 HUGE_PAGE_BYTES = 2 << 20
+# Host outputs of this many bytes and more start on a 64-byte line: the TF op then
+# hands them to TensorFlow through DLPack instead of having TF copy them (TF takes a
+# foreign buffer only when it is aligned). Smaller ones skip the few microseconds
+# the alignment costs; TF's copy of them is as cheap.
+ALIGNED_OUTPUT_MIN_BYTES = 64 << 10
 # NumPy asks Linux for transparent huge pages (madvise) on allocations of this many
 # bytes and more; smaller ones stay on 4 KB pages.
 NUMPY_HUGE_PAGE_MIN_BYTES = 4 << 20
@@ -32,6 +37,15 @@ def empty_aligned(shape, dtype, alignment: int = CACHE_LINE_BYTES, min_bytes: in
     buffer = np.empty(max(nbytes, min_bytes) + alignment, dtype=np.uint8)
     start = -buffer.ctypes.data % alignment
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def empty_output(shape, dtype) -> np.ndarray:
+    """np.empty(shape, dtype) for a kernel's result; on a 64-byte line from
+    ALIGNED_OUTPUT_MIN_BYTES up."""
+    dtype = np.dtype(dtype)
+    if math.prod(shape) * dtype.itemsize >= ALIGNED_OUTPUT_MIN_BYTES:
+        return empty_aligned(shape, dtype)
+    return np.empty(shape, dtype)
 
 
 def empty_on_huge_pages(count: int, dtype) -> np.ndarray:

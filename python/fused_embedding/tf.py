@@ -24,10 +24,17 @@ import numpy as np
 import tensorflow as tf
 
 from . import api
+from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
 TABLE_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 ID_DTYPES = (tf.int32, tf.int64)
+
+# TF's CPU kernels CHECK that a tensor's data starts on a multiple of this many bytes
+# (Eigen's widest alignment) and abort the process when it does not.
+TF_ALIGNMENT_BYTES = 64
+# Result dtypes NumPy exports through DLPack (it has no bfloat16 there).
+_DLPACK_RESULT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 EXPORT_FIX = ("fused_embedding's op runs through tf.py_function, whose Python body is not saved in "
               "a SavedModel. Export a native copy of the model instead: "
@@ -134,14 +141,28 @@ def _is_gpu_tensor(tensor) -> bool:
     return "GPU" in (tensor.device or "").upper()
 
 
+def _host_result(out: np.ndarray):
+    """The core op's host result as the py_function returns it: a tensor on the same
+    buffer (DLPack) where TF can take it as it is, else the array, which TF copies.
+
+    TF takes a buffer only when it starts on a TF_ALIGNMENT_BYTES line; the cpu
+    backend allocates results that large so (memory.empty_output). Smaller results
+    are left to TF's copy, which costs about what the check would.
+    """
+    if (out.nbytes >= ALIGNED_OUTPUT_MIN_BYTES and out.dtype in _DLPACK_RESULT_DTYPES
+            and out.flags.c_contiguous and out.__array_interface__["data"][0] % TF_ALIGNMENT_BYTES == 0):
+        return tf.experimental.dlpack.from_dlpack(out.__dlpack__())  # keeps the array alive
+    return out
+
+
 def _run_core(table, ids, axis, mask_zero, backend):
     """The py_function body: TF eager tensors in, the core op on TF's buffers, a tensor out."""
     try:
         if _is_gpu_tensor(table):
             return _run_core_on_gpu(table, ids, axis, mask_zero, backend)
         # np.asarray shares the tensor's buffer; bfloat16 arrives as ml_dtypes.bfloat16.
-        return api.embedding_mean(np.asarray(table), np.asarray(ids), axis=int(axis),
-                                  mask_zero=mask_zero, backend=backend)
+        return _host_result(api.embedding_mean(np.asarray(table), np.asarray(ids), axis=int(axis),
+                                               mask_zero=mask_zero, backend=backend))
     except IndexError as exc:
         # py_function maps ValueError to InvalidArgumentError (what tf.gather raises
         # for a bad id); an IndexError would surface as UnknownError.
