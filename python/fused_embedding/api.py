@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from . import backends
+from .memory import empty_output
 from .semantics import ID_DTYPES, TABLE_FORMATS, Axis, output_shape
 
 log = logging.getLogger("fused_embedding")
@@ -122,6 +123,17 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
         id, its (row, column) and V. No partial result is returned.
       MemoryError: the output would not fit in the device's memory.
     """
+    return _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output=False)
+
+
+def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool):
+    """``embedding_mean``; with ``aligned_output`` a host backend's result of
+    ``memory.ALIGNED_OUTPUT_MIN_BYTES`` or more starts on a 64-byte line.
+
+    For the TF op, which then hands the result to TF without a copy. Other callers
+    don't ask: the alignment costs 3 us, and 40-70 us when the caches are cold
+    (benchmarks/NOTES.md).
+    """
     axis = normalize_axis(axis)
     table_device, ids_device = device_of(table), device_of(ids)
     if table_device == "cpu" and type(table) is not np.ndarray:
@@ -145,7 +157,9 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
         log.debug("embedding_mean: backend=%s table=%s%s ids=%s%s axis=%d mask_zero=%s", name,
                   np.dtype(table.dtype), tuple(table.shape), np.dtype(ids.dtype), tuple(ids.shape),
                   int(axis), mask_zero)
-    return module.embedding_mean(table, ids, axis, bool(mask_zero))
+    out = (empty_output(shape, table.dtype)
+           if aligned_output and backends.device_of_backend(name) == "cpu" else None)
+    return module.embedding_mean(table, ids, axis, bool(mask_zero), out=out)
 
 
 def available_backends() -> list[str]:

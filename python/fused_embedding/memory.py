@@ -15,10 +15,10 @@ import numpy as np
 from .launch import CACHE_LINE_BYTES
 
 HUGE_PAGE_BYTES = 2 << 20
-# Host outputs of this many bytes and more start on a 64-byte line: the TF op then
-# hands them to TensorFlow through DLPack instead of having TF copy them (TF takes a
-# foreign buffer only when it is aligned). Smaller ones skip the few microseconds
-# the alignment costs; TF's copy of them is as cheap.
+# The TF op's host results of this many bytes and more start on a 64-byte line, so it
+# can hand them to TensorFlow through DLPack instead of having TF copy them (TF takes
+# a foreign buffer only when it is aligned). Smaller ones skip what the alignment
+# costs; TF's copy of them is about as cheap.
 ALIGNED_OUTPUT_MIN_BYTES = 64 << 10
 # NumPy asks Linux for transparent huge pages (madvise) on allocations of this many
 # bytes and more; smaller ones stay on 4 KB pages.
@@ -35,13 +35,13 @@ def empty_aligned(shape, dtype, alignment: int = CACHE_LINE_BYTES, min_bytes: in
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     buffer = np.empty(max(nbytes, min_bytes) + alignment, dtype=np.uint8)
-    start = -buffer.ctypes.data % alignment
+    start = -buffer.__array_interface__["data"][0] % alignment  # cheaper than .ctypes.data
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def empty_output(shape, dtype) -> np.ndarray:
-    """np.empty(shape, dtype) for a kernel's result; on a 64-byte line from
-    ALIGNED_OUTPUT_MIN_BYTES up."""
+    """np.empty(shape, dtype) for a kernel's result that goes to TF; on a 64-byte line
+    from ALIGNED_OUTPUT_MIN_BYTES up."""
     dtype = np.dtype(dtype)
     if math.prod(shape) * dtype.itemsize >= ALIGNED_OUTPUT_MIN_BYTES:
         return empty_aligned(shape, dtype)

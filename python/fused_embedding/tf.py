@@ -145,9 +145,10 @@ def _host_result(out: np.ndarray):
     """The core op's host result as the py_function returns it: a tensor on the same
     buffer (DLPack) where TF can take it as it is, else the array, which TF copies.
 
-    TF takes a buffer only when it starts on a TF_ALIGNMENT_BYTES line; the cpu
-    backend allocates results that large so (memory.empty_output). Smaller results
-    are left to TF's copy, which costs about what the check would.
+    TF takes a buffer only when it starts on a TF_ALIGNMENT_BYTES line; the core
+    allocates results that large so when asked (``aligned_output``, the cpu and numpy
+    backends). Smaller results are left to TF's copy, which costs about what the
+    check would.
     """
     if (out.nbytes >= ALIGNED_OUTPUT_MIN_BYTES and out.dtype in _DLPACK_RESULT_DTYPES
             and out.flags.c_contiguous and out.__array_interface__["data"][0] % TF_ALIGNMENT_BYTES == 0):
@@ -161,8 +162,8 @@ def _run_core(table, ids, axis, mask_zero, backend):
         if _is_gpu_tensor(table):
             return _run_core_on_gpu(table, ids, axis, mask_zero, backend)
         # np.asarray shares the tensor's buffer; bfloat16 arrives as ml_dtypes.bfloat16.
-        return _host_result(api.embedding_mean(np.asarray(table), np.asarray(ids), axis=int(axis),
-                                               mask_zero=mask_zero, backend=backend))
+        return _host_result(api._embedding_mean(np.asarray(table), np.asarray(ids), int(axis),
+                                                mask_zero, backend, aligned_output=True))
     except IndexError as exc:
         # py_function maps ValueError to InvalidArgumentError (what tf.gather raises
         # for a bad id); an IndexError would surface as UnknownError.

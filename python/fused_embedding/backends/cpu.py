@@ -8,7 +8,7 @@ import numpy as np
 import numba  # no numba: the registry reports this backend unavailable
 
 from .. import launch, row_mean_cache
-from ..memory import empty_on_huge_pages, empty_output
+from ..memory import empty_on_huge_pages
 from ..semantics import Axis, table_format, output_shape
 from . import raise_bad_id_at
 from .numpy import host_memory_available
@@ -96,7 +96,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     ids = np.ascontiguousarray(ids)  # the kernels walk ids flat; copies only ids, never the table
     batch, length = ids.shape
     if out is None:
-        out = empty_output(output_shape(axis, batch, length, table.shape[1]), table.dtype)
+        out = np.empty(output_shape(axis, batch, length, table.shape[1]), dtype=table.dtype)
     fmt = table_format(table.dtype)
     # The team's full size, not numba.get_num_threads() (which a caller may lower per
     # thread): the chunks only need to outnumber the threads, and that call costs
