@@ -5,24 +5,25 @@
 Shape: V=8,000,000, D=64 (a 2 GB float32 table), B=256, L=32, axis 1. Rows timed
 (medians of ``--rounds``, each call on the next of several fresh id sets):
   * core op      ``fused_embedding.embedding_mean`` on NumPy views of the same TF buffers;
-  * tf op        ``fused_embedding.tf.embedding_mean`` inside tf.function (py_function,
-                 ``np.asarray`` of its inputs, the kernel, the output back to TF);
-  * copy per call  the same py_function but with ``tensor.numpy()`` of the table
-                 inside it: the copy ``np.asarray`` avoids.
+  * tf op        ``fused_embedding.tf.embedding_mean`` inside tf.function (its Python
+                 body on TF's buffers, the kernel, the output back to TF);
+  * copy per call  a py_function calling the core op with ``tensor.numpy()`` of the
+                 table: the copy the op avoids.
 Also the two conversions alone. Prints a markdown block (machine, date, numbers)
 for RESULTS.md. Memory: the 2 GB table once, plus 2 GB transiently for the copy rows.
 
     python benchmarks/bench_tf_zero_copy.py --fixed-cost [--batch 1 --length 16 --dim 64]
 
 instead times what the op costs beyond its kernel at a small batch (V=1,000,000):
-the core op, an empty tf.py_function (same inputs, a constant output), the op in
-tf.function and the unfused TF path, interleaved call by call (medians of 300).
+the core op, an empty tf.numpy_function and an empty tf.py_function (same inputs, a
+constant output), the op in tf.function and the unfused TF path, interleaved call by
+call (medians of 300).
 
     python benchmarks/bench_tf_zero_copy.py --crossover [--length 16 --dim 64 --rounds 40]
 
 times the core op, the op in tf.function and the unfused TF path over a sweep of B
 (16 to 8192, V=1,000,000), each path in its own block of ``--rounds`` calls on rotated
-id sets, and reports the smallest B at which the op beats the unfused path.
+id sets, and reports the B from which the op beats the unfused path.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def machine_line(tf) -> str:
 
 
 def fixed_cost(args) -> str:
-    """Interleaved medians at a small batch: what tf.py_function adds to the kernel."""
+    """Interleaved medians at a small batch: what TF's Python-function round trip adds to the kernel."""
     import tensorflow as tf
 
     import fused_embedding as fe
@@ -64,12 +65,16 @@ def fixed_cost(args) -> str:
     id_sets = [rng.integers(0, vocab, (batch, length), dtype=np.int32) for _ in range(16)]  # [B][L] each
     id_tensors = [tf.constant(ids) for ids in id_sets]
     constant_out = np.zeros((batch, dim), np.float32)
-    empty = tf.function(lambda t, ids: tf.py_function(lambda a, b: constant_out, [t, ids], tf.float32))
+    empty_numpy_function = tf.function(
+        lambda t, ids: tf.numpy_function(lambda a, b: constant_out, [t, ids], tf.float32))
+    empty_py_function = tf.function(
+        lambda t, ids: tf.py_function(lambda a, b: constant_out, [t, ids], tf.float32))
     fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
     unfused = tf.function(lambda t, ids: tf.reduce_mean(tf.gather(t, ids), axis=1))  # writes [B][L][D]
     paths = {
         "core op": lambda k: fe.embedding_mean(table_view, id_sets[k]),
-        "empty tf.py_function": lambda k: empty(table, id_tensors[k]),
+        "empty tf.numpy_function": lambda k: empty_numpy_function(table, id_tensors[k]),
+        "empty tf.py_function": lambda k: empty_py_function(table, id_tensors[k]),
         "tf op in tf.function": lambda k: fused_op(table, id_tensors[k]),
         "unfused TF (gather + reduce_mean)": lambda k: unfused(table, id_tensors[k]),
     }
@@ -107,7 +112,7 @@ def crossover_sentence(wins) -> str:
 
 
 def crossover(args) -> str:
-    """Block-timed medians over B: where the op (py_function's fixed cost included) starts to win."""
+    """Block-timed medians over B: where the op (its round trip's fixed cost included) starts to win."""
     import tensorflow as tf
 
     import fused_embedding as fe

@@ -50,13 +50,25 @@ def keras_pooled(table, ids, data_format, mask_zero):
     return np.asarray(pooling(embedding(ids)))
 
 
+# Eagerly; in a graph as this TF builds it (numpy_function without a GPU); and in a
+# graph built as a GPU-capable TF builds it for host tensors it can't place (py_function).
+MODES = ["eager", "tf.function", "tf.function+py_function"]
+
+
 def run_op(mode, table, ids, **kwargs):
     if mode == "eager":
         return fused_tf.embedding_mean(table, ids, **kwargs)
+    if mode == "tf.function+py_function":
+        original = fused_tf._runs_on_host
+        fused_tf._runs_on_host = lambda table: False
+        try:
+            return tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))(table, ids)
+        finally:
+            fused_tf._runs_on_host = original
     return tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))(table, ids)
 
 
-@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("table_dtype", [np.float32, np.float16, BFLOAT16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64], ids=["i32", "i64"])
 @pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
@@ -150,7 +162,7 @@ def test_rank_and_axis_errors_when_the_graph_is_built():
         fused_tf.embedding_mean(np.zeros((2, 2), np.float32), np.zeros((1, 1), np.int32), axis=0)
 
 
-@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bad", ["too_large", "negative"])
 def test_bad_id_is_a_tf_error_naming_it(rng, bad, mode):
     table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
@@ -160,7 +172,7 @@ def test_bad_id_is_a_tf_error_naming_it(rng, bad, mode):
     assert f"id {ids[4, 7]} at ids[4, 7] is out of range for a table of {VOCAB} rows" in info.value.message
 
 
-@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("mode", MODES)
 def test_table_reaches_the_core_without_a_copy(monkeypatch, rng, mode):
     """The core sees the variable's own buffer: np.asarray, never tensor.numpy()."""
     table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
@@ -190,7 +202,7 @@ def expected_table_gradient(table, ids, upstream, axis, mask_zero):
     return grad
 
 
-@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("table_dtype", [np.float32, np.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("mask_zero", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("axis", [1, 2])
@@ -252,34 +264,50 @@ def test_updated_variable_is_seen_on_axis_2(rng, update):
     assert_close(np.asarray(op(ids)), embedding_mean_reference(new_rows, ids, 2), np.float32)
 
 
-@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("table_dtype", [np.float32, np.float16, BFLOAT16], ids=lambda d: np.dtype(d).name)
 def test_large_results_go_back_to_tf_without_a_copy(monkeypatch, rng, mode, table_dtype):
     """A result of ALIGNED_OUTPUT_MIN_BYTES or more starts on a 64-byte line and TF takes
-    its buffer through DLPack (bfloat16, which NumPy can't export, is copied). TF's
-    kernels, which abort on unaligned data, then run on it, after the array is gone."""
+    its buffer as it is: from a numpy_function body any dtype, through DLPack (eagerly,
+    or from a py_function body) float32 and float16 (NumPy can't export bfloat16 there,
+    so TF copies it). TF's kernels, which abort on unaligned data, then run on it."""
     from fused_embedding.memory import ALIGNED_OUTPUT_MIN_BYTES
-    results = []
-    hand_over = fused_tf._host_result
+    results, bodies = [], []
+    core, host_body, hand_over = api._embedding_mean, fused_tf._run_core_on_host_arrays, fused_tf._host_result
 
-    def spy(out):
-        results.append(out)
-        return hand_over(out)
+    def core_spy(*args, **kwargs):
+        results.append(core(*args, **kwargs))
+        return results[-1]
 
-    monkeypatch.setattr(fused_tf, "_host_result", spy)
+    monkeypatch.setattr(api, "_embedding_mean", core_spy)
+    monkeypatch.setattr(fused_tf, "_run_core_on_host_arrays",
+                        lambda *args: bodies.append("numpy_function") or host_body(*args))
+    monkeypatch.setattr(fused_tf, "_host_result", lambda out: bodies.append("dlpack") or hand_over(out))
     dim = 64
     batch = ALIGNED_OUTPUT_MIN_BYTES // (dim * np.dtype(table_dtype).itemsize) + 3
     table, ids = random_inputs(rng, 500, dim, batch, 5, table_dtype)
     out = run_op(mode, tf.constant(table), tf.constant(ids))
-    (result,) = results
+    (result,), (body,) = results, bodies
     assert result.ctypes.data % fused_tf.TF_ALIGNMENT_BYTES == 0
+    if mode == "eager":
+        assert body == "dlpack"
     shares = np.shares_memory(np.asarray(out), result)
-    assert shares == (np.dtype(table_dtype) != BFLOAT16)
+    assert shares == (body == "numpy_function" or np.dtype(table_dtype) != BFLOAT16)
     expected = embedding_mean_reference(table, ids, Axis.SEQUENCE, mask_zero=False)
     del result, results[:]
     total = tf.reduce_sum(tf.cast(out, tf.float32), axis=0)  # a TF kernel on the handed-over buffer
     assert_close(np.asarray(tf.cast(out, tf.float32)), expected, table_dtype)
     np.testing.assert_allclose(np.asarray(total), expected.sum(axis=0), rtol=1e-2, atol=1e-2 * batch)
+
+
+def test_graphs_use_numpy_function_where_tf_has_no_gpu(rng):
+    """Its round trip is the cheaper one; a GPU-capable TF keeps py_function (DLPack)."""
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    graph = tf.function(lambda t, i: fused_tf.embedding_mean(t, i)).get_concrete_function(
+        tf.constant(table), tf.constant(ids)).graph
+    kinds = {op.type for op in graph.get_operations()} & {"PyFunc", "EagerPyFunc"}
+    expected = "EagerPyFunc" if tf.config.list_logical_devices("GPU") else "PyFunc"
+    assert kinds == {expected}
 
 
 def test_only_aligned_results_are_handed_over():

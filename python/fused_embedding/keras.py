@@ -75,7 +75,7 @@ class EmbeddingMean(keras.layers.Layer):
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
         self.backend = backend
-        # tf.py_function cannot be compiled by XLA: keep Keras' jit_compile="auto" off.
+        # XLA cannot compile the op's Python-function op: keep Keras' jit_compile="auto" off.
         self.supports_jit = False
         self.input_spec = keras.layers.InputSpec(ndim=2)
 

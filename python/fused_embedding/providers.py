@@ -389,7 +389,7 @@ def _fused_constant_table_provider() -> Provider:
 
 
 def _tf_op_provider() -> Provider:
-    """The package's TF op end to end inside tf.function (py_function hand-off included)."""
+    """The package's TF op end to end inside tf.function (the Python-function hand-off included)."""
 
     def probe():
         reason = _tf_probe()

@@ -1,18 +1,21 @@
-"""The TensorFlow op: ``fused_embedding.tf.embedding_mean`` on ``tf.py_function``.
+"""The TensorFlow op: ``fused_embedding.tf.embedding_mean`` on TF's Python-function ops.
 
-The py_function body hands TF's own buffers to the core op, never a copy:
-``np.asarray(tensor)`` on the host (``tensor.numpy()`` copies the whole table in
-TF 2.21), DLPack on a GPU (ids may sit in host memory there: the core copies
-the ids, never the table). Dtypes and ranks are checked on the symbolic tensors,
+In a graph the op is a ``tf.numpy_function`` where it certainly runs on the host
+(the cheaper round trip) and a ``tf.py_function`` elsewhere (GPU tensors through
+DLPack); eagerly the body runs in place. Either body hands TF's own buffers to
+the core op, never a copy: the arrays numpy_function passes in, or
+``np.asarray(tensor)`` (``tensor.numpy()`` copies the whole table in TF 2.21),
+DLPack on a GPU (ids may sit in host memory there: the core copies the ids,
+never the table); large host results go back on the buffer the kernel wrote. Dtypes and ranks are checked on the symbolic tensors,
 so mistakes fail when the graph is built; bad ids fail when it runs, as
 ``tf.errors.InvalidArgumentError`` naming the id (as ``tf.gather`` does on CPU).
 
-A py_function body lives in this Python process only: a SavedModel holding one
-fails when it is run after loading. So when a graph is traced for export
-(inside ``tf.saved_model.save``, Keras' ``model.export``, or under
-``native_ops()``) the op writes its native-TF equivalent instead (gather, masked
-mean, the same empty-bag and bounds rules), and a graph traced with the
-py_function refuses to be saved, at save time, with a message naming the fix.
+Such a Python body lives in this process only: a SavedModel holding one fails
+when it is run after loading. So when a graph is traced for export (inside
+``tf.saved_model.save``, Keras' ``model.export``, or under ``native_ops()``) the
+op writes its native-TF equivalent instead (gather, masked mean, the same
+empty-bag and bounds rules), and a graph traced with the Python body refuses to
+be saved, at save time, with a message naming the fix.
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ TF_ALIGNMENT_BYTES = 64
 # Result dtypes NumPy exports through DLPack (it has no bfloat16 there).
 _DLPACK_RESULT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
-EXPORT_FIX = ("fused_embedding's op runs through tf.py_function, whose Python body is not saved in "
-              "a SavedModel. Export a native copy of the model instead: "
+EXPORT_FIX = ("fused_embedding's op runs through tf.numpy_function / tf.py_function, whose Python "
+              "body is not saved in a SavedModel. Export a native copy of the model instead: "
               "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
               "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
               "tf.saved_model.save() do this by themselves when they trace a function; "
@@ -48,7 +51,7 @@ _state = threading.local()
 
 @contextlib.contextmanager
 def native_ops():
-    """Within this block the op builds native TF ops (tf.gather + masked mean), no py_function.
+    """Within this block the op builds native TF ops (tf.gather + masked mean), no Python body.
 
     For graphs meant to leave the process (SavedModel, TF Serving): they then need
     neither this package nor Python. Slower than the fused kernel; same results
@@ -81,7 +84,8 @@ def _tracing_for_export() -> bool:
 
 
 class _ExportGuard(tf.saved_model.experimental.TrackableResource):
-    """A resource every py_function graph captures, so that saving such a graph fails while saving.
+    """A resource every graph with the op's Python body captures, so that saving such a graph
+    fails while saving.
 
     Nothing tracks it (it belongs to no saved object), and TF's saver refuses a
     function capturing an untracked resource with an AssertionError that quotes the
@@ -99,7 +103,7 @@ class _ExportGuard(tf.saved_model.experimental.TrackableResource):
         pass
 
     def __repr__(self):
-        return f"<fused_embedding py_function graph: {EXPORT_FIX}>"
+        return f"<fused_embedding Python-body graph: {EXPORT_FIX}>"
 
 
 _guard = None
@@ -156,8 +160,31 @@ def _host_result(out: np.ndarray):
     return out
 
 
+def _runs_on_host(table: tf.Tensor) -> bool:
+    """True when the graph op certainly runs on the host: the table is placed on a CPU,
+    or TF has no GPU to place it on. It then takes ``tf.numpy_function``, whose
+    round trip is cheaper than ``tf.py_function``'s (no eager context around the body:
+    0.04 ms empty, 0.15-0.3 ms per call at B=1024, L=64, D=128; benchmarks/NOTES.md);
+    TF hands the body its tensors' buffers as arrays and takes an aligned result back
+    as it is. Elsewhere ``tf.py_function``, which can pass GPU tensors through DLPack.
+    """
+    device = (table.device or "").upper()
+    if "GPU" in device:
+        return False
+    return "CPU" in device or not tf.config.list_logical_devices("GPU")
+
+
+def _run_core_on_host_arrays(table, ids, axis, mask_zero, backend):
+    """The numpy_function body: TF's buffers in as arrays, the core's result out."""
+    try:
+        return api._embedding_mean(table, ids, int(axis), mask_zero, backend, aligned_output=True)
+    except IndexError as exc:  # the InvalidArgumentError tf.gather raises, as in _run_core
+        raise ValueError(str(exc)) from exc
+
+
 def _run_core(table, ids, axis, mask_zero, backend):
-    """The py_function body: TF eager tensors in, the core op on TF's buffers, a tensor out."""
+    """The py_function body (and the eager op's): TF eager tensors in, the core op on TF's
+    buffers, a tensor out."""
     try:
         if _is_gpu_tensor(table):
             return _run_core_on_gpu(table, ids, axis, mask_zero, backend)
@@ -304,21 +331,26 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
         @tf.custom_gradient
         def fused(table_value):
             if tf.executing_eagerly():
-                # Eagerly the body runs in place (no py_function's fixed cost), its
-                # errors raised as the py_function would raise them.
+                # Eagerly the body runs in place (no round trip's fixed cost), its
+                # errors raised as the graph op would raise them.
                 try:
                     out = _run_core(table_value, ids, axis, mask_zero, backend)
                 except (ValueError, TypeError) as exc:
                     raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
                 out = tf.convert_to_tensor(out, dtype=table_value.dtype)
             else:
-                # Run the py_function where the table is (a GPU table placed on the host
+                # Run the Python body where the table is (a GPU table placed on the host
                 # would be copied over on every call); ids follow it.
                 placement = tf.device(table_value.device) if table_value.device else contextlib.nullcontext()
                 with placement, tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
-                    out = tf.py_function(
-                        lambda t, i: _run_core(t, i, axis, mask_zero, backend),
-                        [table_value, ids], table_value.dtype)
+                    if _runs_on_host(table_value):
+                        out = tf.numpy_function(
+                            lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend),
+                            [table_value, ids], table_value.dtype, stateful=True)
+                    else:
+                        out = tf.py_function(
+                            lambda t, i: _run_core(t, i, axis, mask_zero, backend),
+                            [table_value, ids], table_value.dtype)
             out.set_shape(out_shape)
 
             def grad(upstream):
