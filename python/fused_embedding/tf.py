@@ -174,8 +174,22 @@ def _runs_on_host(table: tf.Tensor) -> bool:
     return "CPU" in device or not tf.config.list_logical_devices("GPU")
 
 
+def _read_only_view(array: np.ndarray) -> np.ndarray:
+    """The same buffer as an array whose every base is read-only.
+
+    numpy_function hands TF's tensors over as writable arrays on TF's buffers; marked
+    read-only like ``np.asarray(tensor)`` of an eager tensor, a table is one the axis-2
+    row-mean cache may keep (row_mean_cache.is_constant). Through bytes: NumPy can't
+    export a bfloat16 buffer as it is.
+    """
+    frozen = memoryview(array.reshape(-1).view(np.uint8)).toreadonly()
+    return np.frombuffer(frozen, dtype=array.dtype).reshape(array.shape)
+
+
 def _run_core_on_host_arrays(table, ids, axis, mask_zero, backend):
     """The numpy_function body: TF's buffers in as arrays, the core's result out."""
+    if axis is Axis.EMBEDDING:
+        table = _read_only_view(table)
     try:
         return api._embedding_mean(table, ids, int(axis), mask_zero, backend, aligned_output=True)
     except IndexError as exc:  # the InvalidArgumentError tf.gather raises, as in _run_core
