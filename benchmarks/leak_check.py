@@ -11,7 +11,8 @@ the float64 reference's within the table dtype's tolerance.
 
 Paths:
   eager        ``fused_embedding.tf.embedding_mean`` called eagerly;
-  tf.function  the same inside a ``tf.function`` (the tf.py_function path);
+  tf.function  the same inside a ``tf.function`` (its numpy_function body here, py_function
+               where TF has a GPU);
   core         ``fused_embedding.embedding_mean`` on NumPy arrays (no TF).
 Shape: V=100,000, D=64 float32 table, B=64, L=32 ids, axis 1 and 2 alternating,
 with and without the mask: a new id set every call.
