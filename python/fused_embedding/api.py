@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from . import backends
-from .memory import empty_output
+from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned
 from .semantics import ID_DTYPES, TABLE_FORMATS, Axis, output_shape
 
 log = logging.getLogger("fused_embedding")
@@ -157,8 +157,10 @@ def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool):
         log.debug("embedding_mean: backend=%s table=%s%s ids=%s%s axis=%d mask_zero=%s", name,
                   np.dtype(table.dtype), tuple(table.shape), np.dtype(ids.dtype), tuple(ids.shape),
                   int(axis), mask_zero)
-    out = (empty_output(shape, table.dtype)
-           if aligned_output and backends.device_of_backend(name) == "cpu" else None)
+    # Smaller results, and every result of a plain call, come from the backend's np.empty.
+    out = (empty_aligned(shape, table.dtype)
+           if aligned_output and out_bytes >= ALIGNED_OUTPUT_MIN_BYTES
+           and backends.device_of_backend(name) == "cpu" else None)
     return module.embedding_mean(table, ids, axis, bool(mask_zero), out=out)
 
 

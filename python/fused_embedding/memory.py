@@ -39,15 +39,6 @@ def empty_aligned(shape, dtype, alignment: int = CACHE_LINE_BYTES, min_bytes: in
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def empty_output(shape, dtype) -> np.ndarray:
-    """np.empty(shape, dtype) for a kernel's result that goes to TF; on a 64-byte line
-    from ALIGNED_OUTPUT_MIN_BYTES up."""
-    dtype = np.dtype(dtype)
-    if math.prod(shape) * dtype.itemsize >= ALIGNED_OUTPUT_MIN_BYTES:
-        return empty_aligned(shape, dtype)
-    return np.empty(shape, dtype)
-
-
 def empty_on_huge_pages(count: int, dtype) -> np.ndarray:
     """np.empty(count, dtype) on transparent huge pages, where it is large enough to matter.
 

@@ -503,21 +503,26 @@ def _tf_sparse_provider() -> Provider:
         probe=_tf_probe, supports=_sequence_only, prepare=prepare)
 
 
+def _torch_runner(inputs: Inputs, device: str, pool):
+    """run(k): ``pool(ids, table)`` on the k-th id set, in inference mode, finished on a GPU."""
+    torch = _torch()
+    table = _torch_table(inputs, device)
+    target = "cuda" if device == "gpu" else "cpu"
+    id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
+
+    def run(k):
+        with torch.inference_mode():
+            out = pool(id_sets[k], table)
+        if device == "gpu":
+            _torch_gpu_sync()
+        return out
+    return run
+
+
 def _torch_provider(device: str) -> Provider:
     def prepare(inputs: Inputs):
-        torch = _torch()
-        table = _torch_table(inputs, device)
-        target = "cuda" if device == "gpu" else "cpu"
-        id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
-        embedding_bag = torch.nn.functional.embedding_bag
-
-        def run(k):
-            with torch.inference_mode():
-                out = embedding_bag(id_sets[k], table, mode="mean")
-            if device == "gpu":
-                _torch_gpu_sync()
-            return out
-        return run
+        embedding_bag = _torch().nn.functional.embedding_bag
+        return _torch_runner(inputs, device, lambda ids, table: embedding_bag(ids, table, mode="mean"))
 
     return Provider(
         name="torch-embedding-bag" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
@@ -530,21 +535,9 @@ def _torch_unfused_provider(device: str) -> Provider:
     """The unfused path in PyTorch: gather (B, L, D), then mean. The GPU baseline where TF is absent."""
 
     def prepare(inputs: Inputs):
-        torch = _torch()
-        table = _torch_table(inputs, device)
-        target = "cuda" if device == "gpu" else "cpu"
-        id_sets = [torch.from_numpy(ids.astype(np.int64)).to(target) for ids in inputs.id_sets]
-        axis = int(inputs.axis)
-
-        embedding = torch.nn.functional.embedding
-
-        def run(k):
-            with torch.inference_mode():
-                out = embedding(id_sets[k], table).mean(dim=axis)  # writes [B][L][D], reads it back
-            if device == "gpu":
-                _torch_gpu_sync()
-            return out
-        return run
+        embedding, axis = _torch().nn.functional.embedding, int(inputs.axis)
+        # writes [B][L][D], reads it back
+        return _torch_runner(inputs, device, lambda ids, table: embedding(ids, table).mean(dim=axis))
 
     return Provider(
         name="torch-unfused" + ("-gpu" if device == "gpu" else ""), device=device, exact=False,
