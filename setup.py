@@ -12,7 +12,7 @@ setup(
     packages=["fused_embedding", "fused_embedding.backends", "fused_embedding.kernels"],
     package_dir={"fused_embedding": "python/fused_embedding",
                  "fused_embedding.kernels": "kernels"},
-    package_data={"fused_embedding.kernels": ["*.cu"]},
+    package_data={"fused_embedding": ["*.cc"], "fused_embedding.kernels": ["*.cu"]},
     install_requires=["numpy>=1.24", "numba>=0.60", "ml_dtypes>=0.4"],
     extras_require={
         # TensorFlow is an extra, as TF add-ons do it, so a user's own TF build is kept.

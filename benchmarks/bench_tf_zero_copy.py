@@ -5,8 +5,8 @@
 Shape: V=8,000,000, D=64 (a 2 GB float32 table), B=256, L=32, axis 1. Rows timed
 (medians of ``--rounds``, each call on the next of several fresh id sets):
   * core op      ``fused_embedding.embedding_mean`` on NumPy views of the same TF buffers;
-  * tf op        ``fused_embedding.tf.embedding_mean`` inside tf.function (its Python
-                 body on TF's buffers, the kernel, the output back to TF);
+  * tf op        ``fused_embedding.tf.embedding_mean`` inside tf.function (on the
+                 host its compiled kernel on TF's buffers, into TF's output);
   * copy per call  a py_function calling the core op with ``tensor.numpy()`` of the
                  table: the copy the op avoids.
 Also the two conversions alone. Prints a markdown block (machine, date, numbers)
@@ -16,8 +16,9 @@ for RESULTS.md. Memory: the 2 GB table once, plus 2 GB transiently for the copy 
 
 instead times what the op costs beyond its kernel at a small batch (V=1,000,000):
 the core op, an empty tf.numpy_function and an empty tf.py_function (same inputs, a
-constant output), the op in tf.function and the unfused TF path, interleaved call by
-call (medians of 300).
+constant output), a tf.function of one cheap native op (TF's own cost of a call), the
+op in tf.function, the op with its numpy_function body (as where its compiled kernel
+can't be built) and the unfused TF path, interleaved call by call (medians of 300).
 
     python benchmarks/bench_tf_zero_copy.py --crossover [--length 16 --dim 64 --rounds 40]
 
@@ -33,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -69,13 +71,20 @@ def fixed_cost(args) -> str:
         lambda t, ids: tf.numpy_function(lambda a, b: constant_out, [t, ids], tf.float32))
     empty_py_function = tf.function(
         lambda t, ids: tf.py_function(lambda a, b: constant_out, [t, ids], tf.float32))
+    empty_graph = tf.function(lambda t, ids: ids[:1, :1])  # one cheap native op: TF's own call cost
     fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    # The op as it is where its compiled kernel can't be built: traced with that kernel ruled out.
+    numpy_function_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    with mock.patch.object(fe_tf, "_uses_compiled_kernel", lambda *args: False):
+        numpy_function_op.get_concrete_function(table, id_tensors[0])
     unfused = tf.function(lambda t, ids: tf.reduce_mean(tf.gather(t, ids), axis=1))  # writes [B][L][D]
     paths = {
         "core op": lambda k: fe.embedding_mean(table_view, id_sets[k]),
         "empty tf.numpy_function": lambda k: empty_numpy_function(table, id_tensors[k]),
         "empty tf.py_function": lambda k: empty_py_function(table, id_tensors[k]),
+        "empty tf.function (one native op)": lambda k: empty_graph(table, id_tensors[k]),
         "tf op in tf.function": lambda k: fused_op(table, id_tensors[k]),
+        "tf op, numpy_function body": lambda k: numpy_function_op(table, id_tensors[k]),
         "unfused TF (gather + reduce_mean)": lambda k: unfused(table, id_tensors[k]),
     }
     for run in paths.values():
@@ -122,7 +131,12 @@ def crossover(args) -> str:
     table = tf.constant(providers.random_table(np.random.default_rng(), vocab, dim, np.float32))  # [V][D]
     table_view = np.asarray(table)
     rng = np.random.default_rng()
+    empty_graph = tf.function(lambda t, ids: ids[:1, :1])  # one cheap native op: TF's own call cost
     fused_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    # The op as it is where its compiled kernel can't be built: traced with that kernel ruled out.
+    numpy_function_op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids))
+    with mock.patch.object(fe_tf, "_uses_compiled_kernel", lambda *args: False):
+        numpy_function_op.get_concrete_function(table, id_tensors[0])
     unfused = tf.function(lambda t, ids: tf.reduce_mean(tf.gather(t, ids), axis=1))  # writes [B][L][D]
     lines = [f"### TF op against the unfused path over B (L={length}, D={dim})", "",
              f"{machine_line(tf)}; V={vocab:,}, float32, axis 1; each path in its own block, "

@@ -199,8 +199,12 @@ def test_training_step_matches_keras_pair(rng):
 
 
 def test_layer_reads_its_variable_in_place(monkeypatch, rng):
-    """predict() hands the core the variable's own buffer: no per-call copy (nor cast) of the table."""
+    """predict() hands the core the variable's own buffer: no per-call copy (nor cast) of the
+    table. (Traced with the numpy_function body, whose arrays the core can be seen to get;
+    the compiled kernel's graph is checked in the next test.)"""
     import fused_embedding.api as api
+    import fused_embedding.tf as fused_tf
+    monkeypatch.setattr(fused_tf, "_uses_compiled_kernel", lambda *args: False)
     layer = EmbeddingMean(VOCAB, DIM, dtype="mixed_float16")  # float32 table, float16 compute
     ids = keras.Input((LENGTH,), dtype="int32")
     model = keras.Model(ids, layer(ids))
@@ -219,3 +223,26 @@ def test_layer_reads_its_variable_in_place(monkeypatch, rng):
     assert out.dtype == np.float16
     expected = embedding_mean_reference(layer.embeddings.numpy(), batch)
     assert_close(out, expected.astype(np.float16), np.float16)
+
+
+def test_compiled_kernel_reads_the_variable_uncast(rng):
+    """In the graph predict() runs, the compiled kernel's table input is the variable's
+    read itself (through Identity ops only): no Cast, no copy of the table per call."""
+    import fused_embedding.tf_compiled as tf_compiled
+    if tf_compiled.op_module() is None or tf.config.list_logical_devices("GPU"):
+        pytest.skip(f"the compiled TF kernel is not used here ({tf_compiled.unavailable_reason() or 'a GPU'})")
+    layer = EmbeddingMean(VOCAB, DIM, dtype="mixed_float16")  # float32 table, float16 compute
+    inputs = keras.Input((LENGTH,), dtype="int32")
+    model = keras.Model(inputs, layer(inputs))
+    batch = padded_ids(rng, False)
+    graph = tf.function(lambda i: model(i, training=False)).get_concrete_function(
+        tf.TensorSpec([None, LENGTH], tf.int32)).graph
+    (kernel,) = [op for op in graph.get_operations() if op.type == "FusedEmbeddingMean"]
+    source = kernel.inputs[0].op
+    while source.type == "Identity":
+        source = source.inputs[0].op
+    assert source.type == "ReadVariableOp" and kernel.inputs[0].dtype == tf.float32
+    out = model.predict(batch, verbose=0)
+    assert out.dtype == np.float16
+    assert_close(out, embedding_mean_reference(layer.embeddings.numpy(), batch).astype(np.float16),
+                 np.float16)

@@ -7,6 +7,7 @@ keras = pytest.importorskip("keras")
 
 import fused_embedding.api as api  # noqa: E402
 import fused_embedding.tf as fused_tf  # noqa: E402
+import fused_embedding.tf_compiled as tf_compiled  # noqa: E402
 from fused_embedding.backends import cpu as cpu_backend  # noqa: E402
 from fused_embedding.reference import embedding_mean_reference  # noqa: E402
 from fused_embedding.semantics import BFLOAT16, Axis, output_shape  # noqa: E402
@@ -20,7 +21,10 @@ TF_DTYPES = {np.dtype(np.float32): tf.float32, np.dtype(np.float16): tf.float16,
 
 @pytest.fixture(autouse=True)
 def poisoned_cpu_outputs(monkeypatch):
-    """Every CPU-backend launch writes into a POISON-filled buffer, so an element it skips fails."""
+    """Every CPU-backend launch writes into a POISON-filled buffer, so an element it skips
+    fails; the compiled TF kernel's outputs are filled with POISON too."""
+    if tf_compiled.op_module() is not None:
+        tf_compiled.poison_outputs(POISON)
     launch = cpu_backend.embedding_mean
 
     def launch_into_poison(table, ids, axis, mask_zero, out=None):
@@ -31,6 +35,9 @@ def poisoned_cpu_outputs(monkeypatch):
         return launch(table, ids, axis, mask_zero, out=out)
 
     monkeypatch.setattr(cpu_backend, "embedding_mean", launch_into_poison)
+    yield
+    if tf_compiled.op_module() is not None:
+        tf_compiled.poison_outputs(None)
 
 
 def keras_pooled(table, ids, data_format, mask_zero):
@@ -50,22 +57,34 @@ def keras_pooled(table, ids, data_format, mask_zero):
     return np.asarray(pooling(embedding(ids)))
 
 
-# Eagerly; in a graph as this TF builds it (numpy_function without a GPU); and in a
-# graph built as a GPU-capable TF builds it for host tensors it can't place (py_function).
-MODES = ["eager", "tf.function", "tf.function+py_function"]
+# Eagerly; in a graph as this TF builds it (without a GPU: the compiled kernel for axis 1
+# where it builds, numpy_function for axis 2); in a graph with the numpy_function body
+# (where the compiled kernel can't be built); and in a graph built as a GPU-capable TF
+# builds it for host tensors it can't place (py_function).
+MODES = ["eager", "tf.function", "tf.function+numpy_function", "tf.function+py_function"]
+_PATCHED_FOR_MODE = {"tf.function+numpy_function": "_uses_compiled_kernel",
+                     "tf.function+py_function": "_runs_on_host"}
 
 
 def run_op(mode, table, ids, **kwargs):
     if mode == "eager":
         return fused_tf.embedding_mean(table, ids, **kwargs)
-    if mode == "tf.function+py_function":
-        original = fused_tf._runs_on_host
-        fused_tf._runs_on_host = lambda table: False
+    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))
+    if mode in _PATCHED_FOR_MODE:
+        name = _PATCHED_FOR_MODE[mode]
+        original = getattr(fused_tf, name)
+        setattr(fused_tf, name, lambda *args: False)
         try:
-            return tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))(table, ids)
+            return graph_fn(table, ids)  # traced here, with the patch
         finally:
-            fused_tf._runs_on_host = original
-    return tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))(table, ids)
+            setattr(fused_tf, name, original)
+    return graph_fn(table, ids)
+
+
+def runs_compiled_kernel(mode, axis=1) -> bool:
+    """True where run_op(mode, ...) runs the compiled TF kernel rather than the core op."""
+    return (mode == "tf.function" and axis == 1 and tf_compiled.op_module() is not None
+            and not tf.config.list_logical_devices("GPU"))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -175,6 +194,9 @@ def test_bad_id_is_a_tf_error_naming_it(rng, bad, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_table_reaches_the_core_without_a_copy(monkeypatch, rng, mode):
     """The core sees the variable's own buffer: np.asarray, never tensor.numpy()."""
+    if runs_compiled_kernel(mode):
+        pytest.skip("the compiled kernel is handed the tensor's buffer by TF, with no Python in "
+                    "between (its zero-copy figure: benchmarks/bench_tf_zero_copy.py)")
     table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
     variable = tf.Variable(table)
     seen = []
@@ -275,6 +297,8 @@ def test_large_results_go_back_to_tf_without_a_copy(monkeypatch, rng, mode, tabl
     its buffer as it is: from a numpy_function body any dtype, through DLPack (eagerly,
     or from a py_function body) float32 and float16 (NumPy can't export bfloat16 there,
     so TF copies it). TF's kernels, which abort on unaligned data, then run on it."""
+    if runs_compiled_kernel(mode):
+        pytest.skip("TF allocates the compiled kernel's output itself")
     from fused_embedding.memory import ALIGNED_OUTPUT_MIN_BYTES
     results, bodies = [], []
     core, host_body, hand_over = api._embedding_mean, fused_tf._run_core_on_host_arrays, fused_tf._host_result
@@ -304,13 +328,20 @@ def test_large_results_go_back_to_tf_without_a_copy(monkeypatch, rng, mode, tabl
     np.testing.assert_allclose(np.asarray(total), expected.sum(axis=0), rtol=1e-2, atol=1e-2 * batch)
 
 
-def test_graphs_use_numpy_function_where_tf_has_no_gpu(rng):
-    """Its round trip is the cheaper one; a GPU-capable TF keeps py_function (DLPack)."""
+@pytest.mark.parametrize("axis", [1, 2])
+def test_graph_op_kinds(rng, axis):
+    """Without a GPU: the compiled kernel for axis 1 (numpy_function where it can't be
+    built), numpy_function for axis 2; a GPU-capable TF keeps py_function (DLPack)."""
     table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
-    graph = tf.function(lambda t, i: fused_tf.embedding_mean(t, i)).get_concrete_function(
+    graph = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, axis=axis)).get_concrete_function(
         tf.constant(table), tf.constant(ids)).graph
-    kinds = {op.type for op in graph.get_operations()} & {"PyFunc", "EagerPyFunc"}
-    expected = "EagerPyFunc" if tf.config.list_logical_devices("GPU") else "PyFunc"
+    kinds = {op.type for op in graph.get_operations()} & {"PyFunc", "EagerPyFunc", "FusedEmbeddingMean"}
+    if tf.config.list_logical_devices("GPU"):
+        expected = "EagerPyFunc"
+    elif axis == 1 and tf_compiled.op_module() is not None:
+        expected = "FusedEmbeddingMean"
+    else:
+        expected = "PyFunc"
     assert kinds == {expected}
 
 
@@ -329,3 +360,38 @@ def test_only_aligned_results_are_handed_over():
     small = np.zeros(16, np.float32)
     assert fused_tf._host_result(small) is small
     assert float(tf.reduce_sum(handed)) == count  # a TF kernel reads the handed-over buffer
+
+
+needs_compiled_kernel = pytest.mark.skipif(
+    "tf_compiled.op_module() is None", reason="the compiled TF kernel can't be built here (see test_compiled_kernel_builds_where_a_compiler_is)")
+
+
+def test_compiled_kernel_builds_where_a_compiler_is():
+    """With a C++ compiler on PATH the compiled kernel must load: a silent fallback to the
+    Python body would hide a broken build."""
+    if tf_compiled._compiler() is None:
+        pytest.skip("no C++ compiler on PATH: the op runs its numpy_function body here")
+    assert tf_compiled.unavailable_reason() is None
+
+
+@needs_compiled_kernel
+def test_compiled_kernel_outputs_are_poisoned_in_these_tests(rng):
+    """With a launcher that writes nothing, the op's result is the poison: so every test
+    here that passes on the compiled path saw each element written by the kernel."""
+    from numba import cfunc
+    from fused_embedding.backends.cpu_cfunc import SIGNATURE
+
+    @cfunc(SIGNATURE)
+    def writes_nothing(table, vocab, dim, fmt, ids, id_bytes, batch, length, mask_zero,
+                       team_size, serial_only, out):
+        return batch * length
+
+    table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
+    tf_compiled._configure(tf_compiled._path, launcher_address=writes_nothing.address)
+    try:
+        out = run_op("tf.function", tf.constant(table), tf.constant(ids))
+    finally:
+        tf_compiled._configure(tf_compiled._path)
+    np.testing.assert_array_equal(np.asarray(out), np.float32(POISON))
+    assert_close(np.asarray(run_op("tf.function", tf.constant(table), tf.constant(ids))),
+                 embedding_mean_reference(table, ids), np.float32)

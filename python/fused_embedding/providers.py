@@ -389,7 +389,8 @@ def _fused_constant_table_provider() -> Provider:
 
 
 def _tf_op_provider() -> Provider:
-    """The package's TF op end to end inside tf.function (the Python-function hand-off included)."""
+    """The package's TF op end to end inside tf.function (on the host, its compiled kernel
+    for axis 1 and its numpy_function body for axis 2)."""
 
     def probe():
         reason = _tf_probe()

@@ -1,17 +1,20 @@
-"""The TensorFlow op: ``fused_embedding.tf.embedding_mean`` on TF's Python-function ops.
+"""The TensorFlow op: ``fused_embedding.tf.embedding_mean``.
 
-In a graph the op is a ``tf.numpy_function`` where it certainly runs on the host
-(the cheaper round trip) and a ``tf.py_function`` elsewhere (GPU tensors through
-DLPack); eagerly the body runs in place. Either body hands TF's own buffers to
-the core op, never a copy: the arrays numpy_function passes in, or
+In a graph that certainly runs on the host, axis 1 is the package's own compiled TF op,
+``FusedEmbeddingMean`` (``tf_compiled.py``: compiled on first use, no Python per
+call); where that can't be built, and for axis 2 (whose cached row means live in
+Python), the op is a ``tf.numpy_function``. Where a GPU may hold the tensors it
+is a ``tf.py_function`` (GPU tensors through DLPack); eagerly the body runs in
+place. Every path hands TF's own buffers to the kernels, never a copy: the
+compiled kernel gets the tensors' buffers, numpy_function the arrays it passes in, or
 ``np.asarray(tensor)`` (``tensor.numpy()`` copies the whole table in TF 2.21),
 DLPack on a GPU (ids may sit in host memory there: the core copies the ids,
 never the table); large host results go back on the buffer the kernel wrote. Dtypes and ranks are checked on the symbolic tensors,
 so mistakes fail when the graph is built; bad ids fail when it runs, as
 ``tf.errors.InvalidArgumentError`` naming the id (as ``tf.gather`` does on CPU).
 
-Such a Python body lives in this process only: a SavedModel holding one fails
-when it is run after loading. So when a graph is traced for export (inside
+Such a Python body, or the compiled kernel, lives in this process only: a SavedModel
+holding one fails when it is loaded or run elsewhere. So when a graph is traced for export (inside
 ``tf.saved_model.save``, Keras' ``model.export``, or under ``native_ops()``) the
 op writes its native-TF equivalent instead (gather, masked mean, the same
 empty-bag and bounds rules), and a graph traced with the Python body refuses to
@@ -26,7 +29,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from . import api
+from . import api, tf_compiled
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
@@ -39,8 +42,8 @@ TF_ALIGNMENT_BYTES = 64
 # Result dtypes NumPy exports through DLPack (it has no bfloat16 there).
 _DLPACK_RESULT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
-EXPORT_FIX = ("fused_embedding's op runs through tf.numpy_function / tf.py_function, whose Python "
-              "body is not saved in a SavedModel. Export a native copy of the model instead: "
+EXPORT_FIX = ("fused_embedding's op runs as a kernel compiled into this process, or through "
+              "tf.numpy_function / tf.py_function, whose Python body is not saved in a SavedModel. Export a native copy of the model instead: "
               "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
               "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
               "tf.saved_model.save() do this by themselves when they trace a function; "
@@ -84,7 +87,7 @@ def _tracing_for_export() -> bool:
 
 
 class _ExportGuard(tf.saved_model.experimental.TrackableResource):
-    """A resource every graph with the op's Python body captures, so that saving such a graph
+    """A resource every graph with the op's Python body or compiled kernel captures, so that saving such a graph
     fails while saving.
 
     Nothing tracks it (it belongs to no saved object), and TF's saver refuses a
@@ -103,7 +106,7 @@ class _ExportGuard(tf.saved_model.experimental.TrackableResource):
         pass
 
     def __repr__(self):
-        return f"<fused_embedding Python-body graph: {EXPORT_FIX}>"
+        return f"<fused_embedding graph that runs in this process only: {EXPORT_FIX}>"
 
 
 _guard = None
@@ -172,6 +175,14 @@ def _runs_on_host(table: tf.Tensor) -> bool:
     if "GPU" in device:
         return False
     return "CPU" in device or not tf.config.list_logical_devices("GPU")
+
+
+def _uses_compiled_kernel(table: tf.Tensor, axis: Axis, backend) -> bool:
+    """True when the graph op can be the compiled kernel (tf_compiled.py): on the host, over
+    the sequence axis (axis 2's cached row means live in Python), for the cpu backend."""
+    return (axis is Axis.SEQUENCE and _runs_on_host(table)
+            and api.choose_backend(backend, "cpu", "cpu") == "cpu"
+            and tf_compiled.op_module() is not None)
 
 
 def _read_only_view(array: np.ndarray) -> np.ndarray:
@@ -302,6 +313,7 @@ def _table_gradient(table, ids, upstream, axis: Axis, mask_zero: bool):
     return tf.IndexedSlices(values, tf.reshape(ids, [-1]), tf.shape(table, out_type=ids.dtype))
 
 
+@tf.autograph.experimental.do_not_convert  # graph building in plain Python, no tensor-dependent control flow
 def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None) -> tf.Tensor:
     """Fused ``mean(tf.gather(table, ids), axis)`` as a TF op (eager, tf.function, Keras).
 
@@ -357,7 +369,9 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                 # would be copied over on every call); ids follow it.
                 placement = tf.device(table_value.device) if table_value.device else contextlib.nullcontext()
                 with placement, tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
-                    if _runs_on_host(table_value):
+                    if _uses_compiled_kernel(table_value, axis, backend):
+                        out = tf_compiled.embedding_mean_sequence(table_value, ids, mask_zero)
+                    elif _runs_on_host(table_value):
                         out = tf.numpy_function(
                             lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend),
                             [table_value, ids], table_value.dtype, stateful=True)

@@ -82,10 +82,13 @@ class PreparedCall:
         return self._finish()
 
 
+# Also filled in by the TF op's native kernel (tf_host_op.cc), which gets it at load.
+OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
+                        "(expected 0 <= id < {vocab})")
+
+
 def out_of_range_error(bad_id: int, row: int, col: int, vocab: int) -> IndexError:
-    return IndexError(
-        f"id {bad_id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
-        f"(expected 0 <= id < {vocab})")
+    return IndexError(OUT_OF_RANGE_MESSAGE.format(id=bad_id, row=row, col=col, vocab=vocab))
 
 
 def raise_bad_id_at(flat_position: int, ids, vocab: int) -> None:

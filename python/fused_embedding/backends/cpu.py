@@ -41,6 +41,7 @@ _serialise_launches = None  # None until the first launch has picked the layer
 # child forked like that runs the serial entry points instead (one core per
 # worker process).
 _forked_from_gnu_openmp = False
+_serial_only_callbacks = []  # told when this process can only run serial entry points
 
 
 def _after_fork_in_child():
@@ -53,6 +54,29 @@ def _after_fork_in_child():
     if layer == "omp":
         from numba.np.ufunc import omppool
         _forked_from_gnu_openmp = omppool.openmp_vendor == "GNU"
+        if _forked_from_gnu_openmp:
+            for callback in _serial_only_callbacks:
+                callback()
+
+
+def runs_serial_only() -> bool:
+    """True in a process that can't start Numba's thread team (see above)."""
+    return _forked_from_gnu_openmp
+
+
+def on_serial_only(callback) -> None:
+    """Call ``callback()`` in a child forked from this process if that child can run
+    only the serial entry points (launchers outside Python, which ``_launch`` doesn't see)."""
+    _serial_only_callbacks.append(callback)
+
+
+def parallel_launches_thread_safe() -> bool:
+    """True when parallel kernels may be launched from several threads at once without
+    the lock here: Numba's layer is TBB or OpenMP (it is picked at the first launch, so
+    this launches a tiny kernel if none has run), or this process runs serial only."""
+    if _serialise_launches is None and not _forked_from_gnu_openmp:
+        _launch(_kernel_module().row_means, np.zeros((1, 1), np.float32), 0, np.empty(1, np.float32))
+    return _forked_from_gnu_openmp or _serialise_launches is False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

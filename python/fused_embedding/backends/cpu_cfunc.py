@@ -1,0 +1,76 @@
+"""The cpu backend's axis-1 launcher as a C function, for callers outside Python.
+
+The TF op's compiled kernel (``tf_host_op.cc``) calls ``launch_sequence_mean`` through
+its address, with no Python and no GIL on the way: the same Numba kernels, chunking,
+prefetch distance and serial/parallel choice as ``backends/cpu.py``'s
+``embedding_mean``, on raw buffers. Compiled when this module is first imported and
+cached on disk.
+
+Arguments (all int64 but the addresses):
+  table: address of [V][D] float32, or uint16 bits of float16 / bfloat16 (``format``)
+  vocab, dim: V, D; format: ``semantics.FORMAT_*``
+  ids: address of [B][L] int32 or int64 (``id_bytes`` 4 or 8); batch, length: B, L
+  mask_zero: 1 when id 0 is padding
+  team_size: Numba's thread count (``NUMBA_NUM_THREADS``), for the chunking
+  serial_only: 1 to run on the calling thread whatever the size
+  out: address of the [B][D] result, the table's element type
+Returns the first flat position b * L + l of an id outside [0, V), or B * L.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.np.ufunc.parallel import _launch_threads
+
+from .. import launch
+from ..kernels.cpu import SERIAL, gather_mean_sequence
+from ..semantics import FORMAT_FLOAT32
+
+# Machine code loaded from the disk cache links against the thread team's entry
+# points, which Numba registers only once its threading layer has started; a fresh
+# process fails with "Symbol not found: allocate_sched" otherwise.
+_launch_threads()
+
+SIGNATURE = types.int64(types.voidptr, types.int64, types.int64, types.int64,
+                        types.voidptr, types.int64, types.int64, types.int64,
+                        types.int64, types.int64, types.int64, types.voidptr)
+
+# The launch heuristics compiled as they are: one definition for both launchers.
+_rows_ahead = njit(launch.cpu_rows_ahead)
+_runs_serial = njit(launch.cpu_runs_serial)
+_bags_per_chunk = njit(launch.cpu_bags_per_chunk)
+_gather_mean_sequence_serial = SERIAL[gather_mean_sequence]
+
+
+@njit(inline="always")
+def _run(table, ids, out, fmt, mask_zero, team_size, serial_only):
+    batch, length = ids.shape
+    row_bytes = table.shape[1] * table.itemsize
+    bags_per_chunk = _bags_per_chunk(batch, team_size)
+    rows_ahead = _rows_ahead(row_bytes)
+    if serial_only or _runs_serial(batch * length, row_bytes):
+        return _gather_mean_sequence_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
+    return gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
+
+
+@njit(inline="always")
+def _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask_zero, team_size, serial_only):
+    if id_bytes == 4:
+        ids = carray(ids_address, (batch, length), np.int32)
+        return _run(table, ids, out, fmt, mask_zero, team_size, serial_only)
+    ids = carray(ids_address, (batch, length), np.int64)
+    return _run(table, ids, out, fmt, mask_zero, team_size, serial_only)
+
+
+@cfunc(SIGNATURE, cache=True)
+def launch_sequence_mean(table_address, vocab, dim, fmt, ids_address, id_bytes, batch, length,
+                         mask_zero, team_size, serial_only, out_address):
+    mask = mask_zero != 0
+    serial = serial_only != 0
+    if fmt == FORMAT_FLOAT32:
+        table = carray(table_address, (vocab, dim), np.float32)
+        out = carray(out_address, (batch, dim), np.float32)
+        return _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask, team_size, serial)
+    table = carray(table_address, (vocab, dim), np.uint16)
+    out = carray(out_address, (batch, dim), np.uint16)
+    return _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask, team_size, serial)

@@ -1,0 +1,162 @@
+"""The TF op's compiled CPU kernel: ``tf_host_op.cc``, built on first use, cached on disk.
+
+On the host the op's axis-1 path runs as its own compiled TF op (``FusedEmbeddingMean``)
+instead of a Python-function op, so a call costs what TF's own ops cost to
+dispatch, not a round trip into Python (benchmarks/NOTES.md). The library is
+compiled once with the C++ compiler (``$CXX``, else ``c++``) against the installed
+TF's headers, into ``$FUSED_EMBEDDING_CACHE_DIR`` (default
+``~/.cache/fused_embedding``), named by a hash of the source, TF's version and
+the flags, so a new TF or a changed source builds anew. Where that can't be done (no
+compiler, no TF headers, a Numba threading layer that isn't thread-safe) the op
+keeps its Python body; ``unavailable_reason()`` says why. Setting
+``FUSED_EMBEDDING_COMPILED_TF_OP=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import tensorflow as tf
+
+from .semantics import TABLE_FORMATS
+
+log = logging.getLogger("fused_embedding")
+
+SOURCE = Path(__file__).with_name("tf_host_op.cc")
+ENABLE_ENV_VAR = "FUSED_EMBEDDING_COMPILED_TF_OP"
+CACHE_ENV_VAR = "FUSED_EMBEDDING_CACHE_DIR"
+BUILD_TIMEOUT_S = 600
+
+_lock = threading.Lock()
+_module = None         # the loaded op library (tf.load_op_library's module)
+_reason = None         # why it can't be used, once that is known
+_tried = False
+_path = None           # the loaded library's file
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get(CACHE_ENV_VAR)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fused_embedding"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _build_command(compiler: str, output: Path) -> list[str]:
+    return ([compiler, "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations", str(SOURCE),
+             "-o", str(output)]
+            + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library built from this source, for this TF and compiler, is kept."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(tf.__version__.encode())
+    key.update(" ".join(_build_command(compiler, Path("-"))).encode())
+    return cache_dir() / f"tf_host_op-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile into a private file, then rename it into place: processes building at
+    once each write their own file, and a reader never sees half a library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    log.info("building the TF op's compiled kernel: %s", path)
+    try:
+        done = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _configure(path: Path, launcher_address: int | None = None) -> None:
+    """Hand the library the launcher (the cpu backend's, unless a test gives another
+    C function of the same signature), Numba's team size and the bad-id message."""
+    import numba
+
+    from .backends import OUT_OF_RANGE_MESSAGE, cpu, cpu_cfunc
+    if not cpu.parallel_launches_thread_safe():
+        raise RuntimeError(f"Numba's {numba.threading_layer()!r} threading layer can't take "
+                           "launches from several threads at once, as TF's executor makes them")
+    library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
+    dtypes = [tf.as_dtype(dtype).as_datatype_enum for dtype in TABLE_FORMATS]
+    formats = list(TABLE_FORMATS.values())
+    configure = library.fused_embedding_configure
+    configure.restype = ctypes.c_int
+    configure.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int,
+                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+    if launcher_address is None:
+        launcher_address = cpu_cfunc.launch_sequence_mean.address
+    status = configure(launcher_address, numba.config.NUMBA_NUM_THREADS,
+                       OUT_OF_RANGE_MESSAGE.encode(), len(dtypes),
+                       (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats))
+    if status != 0:
+        raise RuntimeError(f"the library refused the table dtypes {dtypes}")
+    set_serial_only = library.fused_embedding_set_serial_only
+    set_serial_only.argtypes = [ctypes.c_int64]
+    set_serial_only(int(cpu.runs_serial_only()))
+    cpu.on_serial_only(lambda: set_serial_only(1))
+
+
+def _load():
+    if os.environ.get(ENABLE_ENV_VAR, "1") == "0":
+        raise RuntimeError(f"turned off by {ENABLE_ENV_VAR}=0")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    path = library_path(compiler)
+    if not path.exists():
+        _build(compiler, path)
+    module = tf.load_op_library(str(path))
+    _configure(path)
+    return module, path
+
+
+def op_module():
+    """The loaded library's op module (``.fused_embedding_mean``), or None where it can't be used."""
+    global _module, _path, _reason, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if not _tried:
+            try:
+                _module, _path = _load()
+            except Exception as exc:  # any failure leaves the Python body in place
+                _reason = f"{type(exc).__name__}: {exc}"
+                log.warning("fused_embedding: the TF op keeps its Python body (%s)", _reason)
+            _tried = True
+    return _module
+
+
+def poison_outputs(value: float | None) -> None:
+    """For tests: fill every output of the compiled kernel with ``value`` before the kernel
+    writes it (None: stop), so an element it skips shows. Needs the library loaded."""
+    poison = ctypes.CDLL(str(_path)).fused_embedding_poison_outputs
+    poison.argtypes = [ctypes.c_int, ctypes.c_float]
+    poison(int(value is not None), 0.0 if value is None else float(value))
+
+
+def unavailable_reason() -> str | None:
+    """None when the compiled kernel is in use, else why not (tries to load it first)."""
+    op_module()
+    return _reason
+
+
+def embedding_mean_sequence(table: tf.Tensor, ids: tf.Tensor, mask_zero: bool) -> tf.Tensor:
+    """(B, D) mean over the sequence axis through the compiled kernel; ``op_module()`` must
+    have returned a module. Inputs checked by the caller (dtypes, ranks)."""
+    return _module.fused_embedding_mean(table, ids, mask_zero=mask_zero)
