@@ -64,6 +64,25 @@ def test_a_call_with_the_table_writable_drops_its_entry(rng):
     assert fe.embedding_mean(table, ids, axis=2)[1, 2] == pytest.approx(7.0)
 
 
+def test_the_same_array_reshaped_or_retyped_in_place_is_rebuilt(rng):
+    """The cache knows the last table by identity; an in-place change of shape or dtype
+    (the buffer stays, its reading changes) must still give that reading's means."""
+    table, _ = random_inputs(rng, 60, 16, 1, 1, np.float16)
+    frozen(table)
+    ids = rng.integers(0, 30, (4, 6)).astype(np.int32)
+    fe.embedding_mean(table, ids, axis=2)
+    table.shape = (120, 8)  # the same bytes as 120 rows of 8
+    assert_close(fe.embedding_mean(table, ids, axis=2), embedding_mean_reference(table, ids, 2), np.float16)
+    table.shape = (60, 16)
+    table.dtype = np.float32  # the same bytes as 60 rows of 8 floats (finite: halves' bits)
+    assert np.isfinite(table).all()
+    assert_close(fe.embedding_mean(table, ids, axis=2), embedding_mean_reference(table, ids, 2), np.float32)
+    row_mean_cache.clear()
+    assert row_mean_cache.cached_tables() == 0
+    assert_close(fe.embedding_mean(table, ids, axis=2), embedding_mean_reference(table, ids, 2), np.float32)
+    assert row_mean_cache.cached_tables() == 1
+
+
 def test_new_array_with_other_values_is_rebuilt(rng):
     table, ids = random_inputs(rng, 50, 8, 4, 6)
     first = fe.embedding_mean(frozen(table.copy()), ids, axis=2)

@@ -32,6 +32,12 @@ MAX_TABLES = 4
 
 _lock = threading.Lock()
 _entries: OrderedDict = OrderedDict()  # key -> (table, means [V] float32)
+# The most recently used entry as (table, shape, strides, dtype, means), so that a call
+# with the very same array object skips building the key: ``__array_interface__``
+# costs 20-40 us when the caches are cold, as much as the rest of the call's Python
+# (benchmarks/NOTES.md). The same object always has the same buffer (NumPy can't
+# re-point it); its shape, strides and dtype can be reassigned, so they are compared.
+_last = None
 
 
 def is_constant(table: np.ndarray) -> bool:
@@ -55,19 +61,28 @@ def _key(table: np.ndarray):
 def row_means(table: np.ndarray, compute) -> np.ndarray | None:
     """The cached float32 row means of a constant table ([V]), computed by ``compute(table)``
     on a miss; None for a table that may change (the caller runs the direct kernel)."""
+    global _last
+    last = _last
+    if (last is not None and last[0] is table and is_constant(table) and table.shape == last[1]
+            and table.strides == last[2] and table.dtype == last[3]):
+        return last[4]
     key = _key(table)
     if not is_constant(table):
         with _lock:  # seen writable: whatever was cached at this address may be stale
             _entries.pop(key, None)
+            if _last is not None and _last[0] is table:
+                _last = None
         return None
     with _lock:
         entry = _entries.get(key)
         if entry is not None:
             _entries.move_to_end(key)
+            _last = (table, table.shape, table.strides, table.dtype, entry[1])
             return entry[1]
     means = compute(table)
     with _lock:
         _entries[key] = (table, means)
+        _last = (table, table.shape, table.strides, table.dtype, means)
         while len(_entries) > MAX_TABLES:
             _entries.popitem(last=False)
     return means
@@ -75,8 +90,10 @@ def row_means(table: np.ndarray, compute) -> np.ndarray | None:
 
 def clear() -> None:
     """Drop every cached table (and the references that kept them alive)."""
+    global _last
     with _lock:
         _entries.clear()
+        _last = None
 
 
 def cached_tables() -> int:
