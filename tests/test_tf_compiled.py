@@ -25,12 +25,16 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("compiler,reason", [("/nonexistent/c++", "no C++ compiler"),
-                                             ("false", "false failed (1)")],
-                         ids=["no-compiler", "build-fails"])
-def test_without_a_working_build_the_op_keeps_its_python_body(tmp_path, compiler, reason):
-    env = dict(os.environ, CXX=compiler, FUSED_EMBEDDING_CACHE_DIR=str(tmp_path / "cache"))
+@pytest.mark.parametrize("setting,reason", [
+    ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+    ({"CXX": "false"}, "false failed (1)"),
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, "'workqueue' threading layer can't take launches"),
+    ({tf_compiled.ENABLE_ENV_VAR: "0"}, f"turned off by {tf_compiled.ENABLE_ENV_VAR}=0"),
+], ids=["no-compiler", "build-fails", "workqueue", "turned-off"])
+def test_where_the_kernel_cannot_be_used_the_op_keeps_its_python_body(tmp_path, setting, reason):
+    env = dict(os.environ, FUSED_EMBEDDING_CACHE_DIR=str(tmp_path / "cache"))
     env.pop(tf_compiled.ENABLE_ENV_VAR, None)
+    env.update(setting)
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

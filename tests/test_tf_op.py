@@ -125,6 +125,16 @@ def test_empty_bags_and_empty_batch(rng):
     assert fused_tf.embedding_mean(table, np.zeros((3, 0), np.int32), axis=2).shape == (3, 0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("id_shape", [(0, LENGTH), (3, 0)], ids=["no-bags", "empty-bags"])
+def test_empty_inputs_in_every_form(rng, mode, id_shape):
+    """No bags: a (0, D) result; bags of no ids: zeros (every element written, over the poison)."""
+    table, _ = random_inputs(rng, VOCAB, DIM, 1, 1)
+    out = run_op(mode, tf.constant(table), tf.constant(np.zeros(id_shape, np.int32)))
+    assert tuple(out.shape) == (id_shape[0], DIM)
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
 @pytest.mark.parametrize("axis,expected", [(1, [None, DIM]), (2, [None, LENGTH])])
 def test_static_output_shape_in_graphs(axis, expected):
     """Layers after the op build: the output's static shape is what the inputs know."""

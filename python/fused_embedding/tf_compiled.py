@@ -88,10 +88,7 @@ def _configure(path: Path, launcher_address: int | None = None) -> None:
     C function of the same signature), Numba's team size and the bad-id message."""
     import numba
 
-    from .backends import OUT_OF_RANGE_MESSAGE, cpu, cpu_cfunc
-    if not cpu.parallel_launches_thread_safe():
-        raise RuntimeError(f"Numba's {numba.threading_layer()!r} threading layer can't take "
-                           "launches from several threads at once, as TF's executor makes them")
+    from .backends import OUT_OF_RANGE_MESSAGE, cpu_cfunc
     library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
     dtypes = [tf.as_dtype(dtype).as_datatype_enum for dtype in TABLE_FORMATS]
     formats = list(TABLE_FORMATS.values())
@@ -106,15 +103,17 @@ def _configure(path: Path, launcher_address: int | None = None) -> None:
                        (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats))
     if status != 0:
         raise RuntimeError(f"the library refused the table dtypes {dtypes}")
-    set_serial_only = library.fused_embedding_set_serial_only
-    set_serial_only.argtypes = [ctypes.c_int64]
-    set_serial_only(int(cpu.runs_serial_only()))
-    cpu.on_serial_only(lambda: set_serial_only(1))
 
 
 def _load():
     if os.environ.get(ENABLE_ENV_VAR, "1") == "0":
         raise RuntimeError(f"turned off by {ENABLE_ENV_VAR}=0")
+    import numba
+
+    from .backends import cpu
+    if not cpu.parallel_launches_thread_safe():
+        raise RuntimeError(f"Numba's {numba.threading_layer()!r} threading layer can't take "
+                           "launches from several threads at once, as TF's executor makes them")
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
@@ -123,6 +122,10 @@ def _load():
         _build(compiler, path)
     module = tf.load_op_library(str(path))
     _configure(path)
+    set_serial_only = ctypes.CDLL(str(path)).fused_embedding_set_serial_only
+    set_serial_only.argtypes = [ctypes.c_int64]
+    set_serial_only(int(cpu.runs_serial_only()))
+    cpu.on_serial_only(lambda: set_serial_only(1))
     return module, path
 
 
