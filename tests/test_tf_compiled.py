@@ -3,7 +3,9 @@ its Python body and says why; a changed source or TF builds a new library."""
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,14 @@ def test_the_library_is_named_by_its_source_and_tf(monkeypatch, tmp_path):
     monkeypatch.setattr(tf_compiled, "SOURCE", source)
     source.write_text("// two\n")
     assert tf_compiled.library_path("c++") != first
+
+
+def test_the_cache_falls_back_to_the_temporary_folder_when_home_is_read_only(monkeypatch, tmp_path):
+    monkeypatch.delenv(tf_compiled.CACHE_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert tf_compiled.cache_dir() == tmp_path / "cache" / "fused_embedding"
+    monkeypatch.setattr(tf_compiled.os, "access", lambda path, mode: False)  # root may write anywhere
+    fallback = tf_compiled.cache_dir()
+    assert fallback.parent == Path(tempfile.gettempdir()) and fallback.name.startswith("fused_embedding-")
+    monkeypatch.setenv(tf_compiled.CACHE_ENV_VAR, str(tmp_path / "explicit"))
+    assert tf_compiled.cache_dir() == tmp_path / "explicit"

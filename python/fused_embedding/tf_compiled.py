@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -41,11 +42,17 @@ _path = None           # the loaded library's file
 
 
 def cache_dir() -> Path:
+    """``$FUSED_EMBEDDING_CACHE_DIR``, else ``fused_embedding`` in the user's cache folder,
+    else (a home that can't be written) in the temporary folder."""
     explicit = os.environ.get(CACHE_ENV_VAR)
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fused_embedding"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+    existing = next((folder for folder in (base / "fused_embedding", base, *base.parents) if folder.exists()),
+                    None)
+    if existing is not None and os.access(existing, os.W_OK):
+        return base / "fused_embedding"
+    return Path(tempfile.gettempdir()) / f"fused_embedding-{os.getuid()}"
 
 
 def _compiler() -> str | None:
