@@ -1,24 +1,26 @@
 """The TensorFlow op: ``fused_embedding.tf.embedding_mean``.
 
-In a graph that certainly runs on the host, axis 1 is the package's own compiled TF op,
-``FusedEmbeddingMean`` (``tf_compiled.py``: compiled on first use, no Python per
-call); where that can't be built, and for axis 2 (whose cached row means live in
-Python), the op is a ``tf.numpy_function``. Where a GPU may hold the tensors it
+In a graph that certainly runs on the host, axis 1 is the package's own compiled
+TF op, ``FusedEmbeddingMean`` (``tf_compiled.py``: built on first use, no Python
+per call); where that can't be built, and for axis 2 (whose cached row means live
+in Python), the op is a ``tf.numpy_function``. Where a GPU may hold the tensors it
 is a ``tf.py_function`` (GPU tensors through DLPack); eagerly the body runs in
 place. Every path hands TF's own buffers to the kernels, never a copy: the
-compiled kernel gets the tensors' buffers, numpy_function the arrays it passes in, or
-``np.asarray(tensor)`` (``tensor.numpy()`` copies the whole table in TF 2.21),
-DLPack on a GPU (ids may sit in host memory there: the core copies the ids,
-never the table); large host results go back on the buffer the kernel wrote. Dtypes and ranks are checked on the symbolic tensors,
-so mistakes fail when the graph is built; bad ids fail when it runs, as
+compiled kernel gets the tensors' buffers, numpy_function the arrays it passes
+in, eager tensors go through ``np.asarray(tensor)`` (``tensor.numpy()`` copies the
+whole table in TF 2.21), GPU tensors through DLPack (ids may sit in host memory
+there: the core copies the ids, never the table); large host results go back on
+the buffer the kernel wrote. Dtypes and ranks are checked on the symbolic
+tensors, so mistakes fail when the graph is built; bad ids fail when it runs, as
 ``tf.errors.InvalidArgumentError`` naming the id (as ``tf.gather`` does on CPU).
 
-Such a Python body, or the compiled kernel, lives in this process only: a SavedModel
-holding one fails when it is loaded or run elsewhere. So when a graph is traced for export (inside
-``tf.saved_model.save``, Keras' ``model.export``, or under ``native_ops()``) the
-op writes its native-TF equivalent instead (gather, masked mean, the same
-empty-bag and bounds rules), and a graph traced with the Python body refuses to
-be saved, at save time, with a message naming the fix.
+A Python body, like the compiled kernel, lives in this process only: a
+SavedModel holding one fails when it is loaded or run elsewhere. So when a graph
+is traced for export (inside ``tf.saved_model.save``, Keras' ``model.export``, or
+under ``native_ops()``) the op writes its native-TF equivalent instead (gather,
+masked mean, the same empty-bag and bounds rules), and a graph traced with the
+Python body or the compiled kernel refuses to be saved, at save time, with a
+message naming the fix.
 """
 from __future__ import annotations
 
@@ -87,8 +89,8 @@ def _tracing_for_export() -> bool:
 
 
 class _ExportGuard(tf.saved_model.experimental.TrackableResource):
-    """A resource every graph with the op's Python body or compiled kernel captures, so that saving such a graph
-    fails while saving.
+    """A resource every graph with the op's Python body or compiled kernel captures, so
+    that saving such a graph fails while saving.
 
     Nothing tracks it (it belongs to no saved object), and TF's saver refuses a
     function capturing an untracked resource with an AssertionError that quotes the
