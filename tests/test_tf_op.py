@@ -397,11 +397,11 @@ def test_compiled_kernel_outputs_are_poisoned_in_these_tests(rng):
         return batch * length
 
     table, ids = random_inputs(rng, VOCAB, DIM, BATCH, LENGTH)
-    tf_compiled._configure(tf_compiled._path, launcher_address=writes_nothing.address)
+    tf_compiled._configure(tf_compiled._library, launcher_address=writes_nothing.address)
     try:
         out = run_op("tf.function", tf.constant(table), tf.constant(ids))
     finally:
-        tf_compiled._configure(tf_compiled._path)
+        tf_compiled._configure(tf_compiled._library)
     np.testing.assert_array_equal(np.asarray(out), np.float32(POISON))
     assert_close(np.asarray(run_op("tf.function", tf.constant(table), tf.constant(ids))),
                  embedding_mean_reference(table, ids), np.float32)

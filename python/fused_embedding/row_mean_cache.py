@@ -32,9 +32,9 @@ MAX_TABLES = 4
 
 _lock = threading.Lock()
 _entries: OrderedDict = OrderedDict()  # key -> (table, means [V] float32)
-# The most recently used entry as (table, shape, strides, dtype, means), so that a call
-# with the very same array object skips building the key: ``__array_interface__``
-# costs 20-40 us when the caches are cold, as much as the rest of the call's Python
+# The most recently used entry as (table, key, means), so that a call with the very
+# same array object skips building the key's address: ``__array_interface__`` costs
+# 20-40 us when the caches are cold, as much as the rest of the call's Python
 # (benchmarks/NOTES.md). The same object always has the same buffer (NumPy can't
 # re-point it); its shape, strides and dtype can be reassigned, so they are compared.
 _last = None
@@ -63,9 +63,9 @@ def row_means(table: np.ndarray, compute) -> np.ndarray | None:
     on a miss; None for a table that may change (the caller runs the direct kernel)."""
     global _last
     last = _last
-    if (last is not None and last[0] is table and is_constant(table) and table.shape == last[1]
-            and table.strides == last[2] and table.dtype == last[3]):
-        return last[4]
+    if (last is not None and last[0] is table and is_constant(table)
+            and last[1][1:] == (table.shape, table.strides, table.dtype)):
+        return last[2]
     key = _key(table)
     if not is_constant(table):
         with _lock:  # seen writable: whatever was cached at this address may be stale
@@ -77,12 +77,12 @@ def row_means(table: np.ndarray, compute) -> np.ndarray | None:
         entry = _entries.get(key)
         if entry is not None:
             _entries.move_to_end(key)
-            _last = (table, table.shape, table.strides, table.dtype, entry[1])
+            _last = (table, key, entry[1])
             return entry[1]
     means = compute(table)
     with _lock:
         _entries[key] = (table, means)
-        _last = (table, table.shape, table.strides, table.dtype, means)
+        _last = (table, key, means)
         while len(_entries) > MAX_TABLES:
             _entries.popitem(last=False)
     return means

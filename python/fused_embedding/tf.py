@@ -45,7 +45,8 @@ TF_ALIGNMENT_BYTES = 64
 _DLPACK_RESULT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 EXPORT_FIX = ("fused_embedding's op runs as a kernel compiled into this process, or through "
-              "tf.numpy_function / tf.py_function, whose Python body is not saved in a SavedModel. Export a native copy of the model instead: "
+              "tf.numpy_function / tf.py_function, whose Python body is not saved in a "
+              "SavedModel. Export a native copy of the model instead: "
               "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
               "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
               "tf.saved_model.save() do this by themselves when they trace a function; "
@@ -179,11 +180,11 @@ def _runs_on_host(table: tf.Tensor) -> bool:
     return "CPU" in device or not tf.config.list_logical_devices("GPU")
 
 
-def _uses_compiled_kernel(table: tf.Tensor, axis: Axis, backend) -> bool:
-    """True when the graph op can be the compiled kernel (tf_compiled.py): on the host, over
-    the sequence axis (axis 2's cached row means live in Python), for the cpu backend."""
-    return (axis is Axis.SEQUENCE and _runs_on_host(table)
-            and api.choose_backend(backend, "cpu", "cpu") == "cpu"
+def _uses_compiled_kernel(axis: Axis, backend) -> bool:
+    """True when a graph op that runs on the host can be the compiled kernel
+    (tf_compiled.py): over the sequence axis (axis 2's cached row means live in Python),
+    for the cpu backend."""
+    return (axis is Axis.SEQUENCE and api.choose_backend(backend, "cpu", "cpu") == "cpu"
             and tf_compiled.op_module() is not None)
 
 
@@ -371,9 +372,10 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                 # would be copied over on every call); ids follow it.
                 placement = tf.device(table_value.device) if table_value.device else contextlib.nullcontext()
                 with placement, tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
-                    if _uses_compiled_kernel(table_value, axis, backend):
+                    on_host = _runs_on_host(table_value)
+                    if on_host and _uses_compiled_kernel(axis, backend):
                         out = tf_compiled.embedding_mean_sequence(table_value, ids, mask_zero)
-                    elif _runs_on_host(table_value):
+                    elif on_host:
                         out = tf.numpy_function(
                             lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend),
                             [table_value, ids], table_value.dtype, stateful=True)

@@ -38,7 +38,7 @@ _lock = threading.Lock()
 _module = None         # the loaded op library (tf.load_op_library's module)
 _reason = None         # why it can't be used, once that is known
 _tried = False
-_path = None           # the loaded library's file
+_library = None        # the same library through ctypes, for its C entry points
 
 
 def cache_dir() -> Path:
@@ -90,13 +90,12 @@ def _build(compiler: str, path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _configure(path: Path, launcher_address: int | None = None) -> None:
+def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> None:
     """Hand the library the launcher (the cpu backend's, unless a test gives another
     C function of the same signature), Numba's team size and the bad-id message."""
     import numba
 
     from .backends import OUT_OF_RANGE_MESSAGE, cpu_cfunc
-    library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
     dtypes = [tf.as_dtype(dtype).as_datatype_enum for dtype in TABLE_FORMATS]
     formats = list(TABLE_FORMATS.values())
     configure = library.fused_embedding_configure
@@ -128,23 +127,24 @@ def _load():
     if not path.exists():
         _build(compiler, path)
     module = tf.load_op_library(str(path))
-    _configure(path)
-    set_serial_only = ctypes.CDLL(str(path)).fused_embedding_set_serial_only
+    library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
+    _configure(library)
+    set_serial_only = library.fused_embedding_set_serial_only
     set_serial_only.argtypes = [ctypes.c_int64]
     set_serial_only(int(cpu.runs_serial_only()))
     cpu.on_serial_only(lambda: set_serial_only(1))
-    return module, path
+    return module, library
 
 
 def op_module():
     """The loaded library's op module (``.fused_embedding_mean``), or None where it can't be used."""
-    global _module, _path, _reason, _tried
+    global _module, _library, _reason, _tried
     if _tried:
         return _module
     with _lock:
         if not _tried:
             try:
-                _module, _path = _load()
+                _module, _library = _load()
             except Exception as exc:  # any failure leaves the Python body in place
                 _reason = f"{type(exc).__name__}: {exc}"
                 log.warning("fused_embedding: the TF op keeps its Python body (%s)", _reason)
@@ -155,7 +155,7 @@ def op_module():
 def poison_outputs(value: float | None) -> None:
     """For tests: fill every output of the compiled kernel with ``value`` before the kernel
     writes it (None: stop), so an element it skips shows. Needs the library loaded."""
-    poison = ctypes.CDLL(str(_path)).fused_embedding_poison_outputs
+    poison = _library.fused_embedding_poison_outputs
     poison.argtypes = [ctypes.c_int, ctypes.c_float]
     poison(int(value is not None), 0.0 if value is None else float(value))
 

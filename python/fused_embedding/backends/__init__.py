@@ -82,7 +82,7 @@ class PreparedCall:
         return self._finish()
 
 
-# Also filled in by the TF op's native kernel (tf_host_op.cc), which gets it at load.
+# Also filled in by the TF op's compiled kernel (tf_host_op.cc), which gets it at load.
 OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
                         "(expected 0 <= id < {vocab})")
 
