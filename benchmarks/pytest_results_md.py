@@ -24,6 +24,7 @@ from fused_embedding.providers import COPY_BYTES
 SECTION = "cpu pytest-benchmark"
 GENERATOR = "python benchmarks/pytest_results_md.py"
 BASELINE, FUSED = "tf-unfused", "fused[cpu]"
+BASELINE_GROUPS = ("copy baseline", "read baseline")  # bandwidth references, not cases
 
 
 def provider_of(bench: dict) -> str:
@@ -35,7 +36,8 @@ def provider_of(bench: dict) -> str:
 def markdown(report: dict) -> str:
     machine = report["machine_info"]
     cpu = machine.get("cpu", {})
-    copy = next((b for b in report["benchmarks"] if b["group"] == "copy baseline"), None)
+    baselines = {b["group"]: b for b in report["benchmarks"] if b["group"] in BASELINE_GROUPS}
+    copy, read = baselines.get("copy baseline"), baselines.get("read baseline")
     lines = [f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores. "
              f"Date: {report['datetime']}. pytest-benchmark {report['version']}, "
              f"`pytest benchmarks/bench_cpu.py --benchmark-only --benchmark-json=...`.  "]
@@ -43,11 +45,15 @@ def markdown(report: dict) -> str:
         bandwidth = gb_per_s(copy_bytes(COPY_BYTES), copy["stats"]["median"])
         lines.append(f"Copy bandwidth: {bandwidth:.1f} GB/s (np.copyto of {COPY_BYTES >> 20} MiB, "
                      f"median of {copy['stats']['rounds']}).  ")
+    if read is not None:
+        bandwidth = gb_per_s(read["extra_info"]["bytes"], read["stats"]["median"])
+        lines.append(f"Read bandwidth: {bandwidth:.1f} GB/s (a parallel sum of {COPY_BYTES >> 20} MiB on every "
+                     f"thread, median of {read['stats']['rounds']}): how fast memory that is only read streams.  ")
     lines.append("Each provider timed in its own block of calls; median (IQR) ms; "
                  f"x {BASELINE} = its median over the provider's; / {FUSED} = the provider's over {FUSED}'s.")
     groups: dict[str, list] = {}
     for bench in report["benchmarks"]:
-        if bench["group"] != "copy baseline":
+        if bench["group"] not in BASELINE_GROUPS:
             groups.setdefault(bench["group"], []).append(bench)
     for group, benches in groups.items():
         medians = {provider_of(b): b["stats"]["median"] for b in benches}

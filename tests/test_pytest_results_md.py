@@ -22,7 +22,10 @@ def report():
                 benchmarks=[bench(group, "tf-unfused", 4e-3, 9.0), bench(group, "fused[cpu]", 1e-3, 34.0),
                             bench(group, "tf-op", 2e-3),
                             dict(group="copy baseline", name="test_copy_baseline",
-                                 stats=dict(median=0.0134, iqr=0.001, rounds=10), extra_info={})])
+                                 stats=dict(median=0.0134, iqr=0.001, rounds=10), extra_info={}),
+                            dict(group="read baseline", name="test_read_baseline",
+                                 stats=dict(median=0.0061, iqr=0.001, rounds=10),
+                                 extra_info=dict(bytes=256 << 20))])
 
 
 def test_section_holds_every_provider_with_its_ratios(tmp_path):
@@ -35,6 +38,8 @@ def test_section_holds_every_provider_with_its_ratios(tmp_path):
     text = results.read_text()
     assert "old" not in text and "kept after" in text and "Test CPU, 2 cores" in text
     assert "Copy bandwidth: 40.1 GB/s" in text  # 2 x 256 MiB in 13.4 ms
+    assert "Read bandwidth: 44.0 GB/s" in text  # 256 MiB in 6.1 ms
+    assert "read baseline" not in text and "copy baseline" not in text  # references, not case tables
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert lines["fused[cpu]"].split("|")[2:7] == [" 1.000 ", " 0.100 ", " 34.0 ", " 4.00 ", " 1.00 "]
     assert lines["tf-op"].split("|")[4:7] == [" - ", " 2.00 ", " 2.00 "]
