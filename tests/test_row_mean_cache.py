@@ -52,6 +52,23 @@ def test_view_of_a_writable_array_is_not_constant(rng):
     assert row_mean_cache.is_constant(frozen(table)[:])
 
 
+def test_read_only_views_through_memoryviews_follow_the_owner(rng):
+    """A read-only memoryview proves nothing: what it exports may still be written."""
+    table, ids = random_inputs(rng, 50, 8, 4, 6)
+    view = np.frombuffer(memoryview(table).toreadonly(), np.float32).reshape(table.shape)
+    assert not view.flags.writeable and not row_mean_cache.is_constant(view)
+    before = fe.embedding_mean(view, ids, axis=2)
+    table[:] = 0.0  # written through the array the memoryview exports
+    np.testing.assert_array_equal(fe.embedding_mean(view, ids, axis=2), np.zeros_like(before))
+    assert row_mean_cache.cached_tables() == 0
+
+    buffer = bytearray(table.tobytes())  # a mutable owner, whatever the flags say
+    assert not row_mean_cache.is_constant(np.frombuffer(memoryview(buffer).toreadonly(), np.float32))
+    immutable = np.frombuffer(table.tobytes(), np.float32)
+    assert row_mean_cache.is_constant(immutable)
+    assert row_mean_cache.is_constant(np.frombuffer(memoryview(frozen(table)).toreadonly(), np.float32))
+
+
 def test_a_call_with_the_table_writable_drops_its_entry(rng):
     table, ids = random_inputs(rng, 50, 8, 4, 6)
     fe.embedding_mean(frozen(table), ids, axis=2)

@@ -6,15 +6,18 @@ turns the op into a scalar gather. A stale vector would be a wrong answer, so
 a table is cached only when its contents provably cannot change while the
 cache holds it:
 
-- TensorFlow tensors (and so Keras/TF variables read through the TF op): they
-  arrive as read-only views of an immutable buffer. While the cache holds a
-  view, TF's copy-on-write sends any ``assign`` to a new buffer, so a changed
-  variable shows up as a new address and is rebuilt.
-- NumPy arrays marked read-only (``table.setflags(write=False)``), with every
-  array they view read-only too. The flags are checked on every call: a call
-  with the table writable drops its entry. Writing to it between two calls and
-  making it read-only again before the next one can't be seen: call
-  ``clear()`` after doing that.
+- TensorFlow tensors (and so Keras/TF variables read through the TF op): NumPy
+  sees them as arrays on memory TF owns (its buffer wrapper at the end of the
+  ``.base`` chain), handed over read-only. TF doesn't write a tensor's buffer
+  while anything references it: its copy-on-write sends an ``assign`` to a new
+  buffer, so a changed variable shows up as a new address and is rebuilt.
+- NumPy arrays marked read-only (``table.setflags(write=False)``) where every
+  array and memoryview between them and the memory's owner is read-only too,
+  and the owner is NumPy itself or an immutable ``bytes``. The flags are checked
+  on every call: a call with the table writable drops its entry. Writing to it
+  between two calls and making it read-only again before the next one can't be
+  seen: call ``clear()`` after doing that. Memory owned by anything else (a
+  ``bytearray``, an ``mmap``, another library) is never taken as constant.
 
 Anything else (an ordinary writable NumPy array) takes the direct kernel every
 call, which is always right. Entries hold a reference to their table (that is
@@ -40,18 +43,37 @@ _entries: OrderedDict = OrderedDict()  # key -> (table, means [V] float32)
 _last = None
 
 
+# The type TF wraps a tensor's buffer in when it lends it to NumPy (eager tensors through
+# np.asarray, a numpy_function's inputs), matched by name so this module needs no TF.
+_TF_BUFFER_OWNER = ("builtins", "tensorflow_wrapper")
+
+
 def is_constant(table: np.ndarray) -> bool:
-    """True when no write can reach table's buffer while a reference to it is held."""
-    array = table
-    while isinstance(array, np.ndarray):
-        if array.flags.writeable:
-            return False
-        array = array.base
-    if array is None:
+    """True when no write can reach table's buffer while a reference to it is held.
+
+    Follows the buffer to its owner (``.base`` of arrays, ``.obj`` of memoryviews):
+    ``table`` itself must be read-only; then either the owner is a TF tensor's
+    buffer, or every array and memoryview on the way is read-only and the owner is
+    NumPy (an array that owns its data) or ``bytes``.
+    """
+    if table.flags.writeable:
+        return False
+    every_step_read_only = True
+    owner = table
+    while True:
+        if isinstance(owner, np.ndarray):
+            every_step_read_only = every_step_read_only and not owner.flags.writeable
+            if owner.base is None:  # NumPy's own memory
+                return every_step_read_only
+            owner = owner.base
+        elif isinstance(owner, memoryview):
+            every_step_read_only = every_step_read_only and owner.readonly
+            owner = owner.obj
+        else:
+            break
+    if (type(owner).__module__, type(owner).__qualname__) == _TF_BUFFER_OWNER:
         return True
-    if isinstance(array, memoryview):
-        return array.readonly
-    return False
+    return every_step_read_only and isinstance(owner, bytes)
 
 
 def _key(table: np.ndarray):
