@@ -13,7 +13,9 @@ Arrays: table [V][D] float32 or uint16 bits of float16/bfloat16 (``fmt``);
 ids [B][L] int32/int64; out float32 or uint16 bits in the table's format.
 Compiled once per signature and cached on disk (``cache=True``). Numba keys that
 cache on this file alone: after editing cpu_rows.py or cpu_scalars.py, delete
-kernels/__pycache__/*.nb[ic] or the old machine code keeps running.
+kernels/__pycache__/*.nb[ic] (and the TF op's launcher,
+python/fused_embedding/backends/__pycache__/cpu_cfunc.*.nb[ic]) or the old machine
+code keeps running.
 
 Every kernel has two entry points over one body: ``name`` (parallel, on Numba's
 threading layer) and ``name_serial`` (the same loop on the calling thread).

@@ -356,7 +356,12 @@ def test_unavailable_backend_is_skipped_when_not_forced(rng, monkeypatch):
                                            "numba is not installed"):
         fe.embedding_mean(table, ids, backend="cpu")
     # Not forced: the next host backend runs, quietly.
+    numpy_backend = backends.get("numpy")
+    calls = []
+    real = numpy_backend.embedding_mean
+    monkeypatch.setattr(numpy_backend, "embedding_mean", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert_close(fe.embedding_mean(table, ids), embedding_mean_reference(table, ids), np.float32)
+    assert calls == [1], "the numpy backend, next in line, did not run"
 
 
 # --- an output too large ------------------------------------------------------------------

@@ -158,7 +158,10 @@ def test_core_op_from_8_threads_under_numba_workqueue(rng):
 
 
 def test_tf_op_from_8_threads(rng, schedule):
-    """The TF op, eagerly in four threads and through one shared tf.function in four."""
+    """The TF op, eagerly in four threads and through one shared tf.function in four.
+
+    (Through the compiled kernel, these small calls run serial whatever the schedule:
+    the test below covers its parallel launches.)"""
     tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
     try:
         import fused_embedding.tf as fused_tf
@@ -183,6 +186,32 @@ def test_tf_op_from_8_threads(rng, schedule):
                                        backend="cpu").numpy()
 
     failures = run_threads(call, cases)
+    assert not failures, failures[:3]
+
+
+def test_compiled_tf_kernel_from_8_threads_in_parallel(rng):
+    """The TF op's compiled kernel (axis 1 in a graph) called from eight threads at once,
+    every call large enough to launch Numba's thread team: the kernel's serial threshold
+    is fixed when it compiles, so the ``schedule`` fixture can't lower it."""
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
+    import fused_embedding.tf as fused_tf
+    from fused_embedding import launch, tf_compiled
+    if tf_compiled.op_module() is None:
+        pytest.skip(f"the compiled kernel is not built here: {tf_compiled.unavailable_reason()}")
+    cases = []
+    for i, (table_dtype, id_dtype, _, mask_zero) in enumerate(THREAD_CASES):
+        table, ids = random_inputs(rng, 700 + 37 * i, 16 + 5 * i, 64 + i, 80, table_dtype, id_dtype,
+                                   padding_fraction=0.2 if mask_zero else 0.0)
+        assert not launch.cpu_runs_serial(ids.size, table.shape[1] * table.itemsize)
+        cases.append((table, ids, 1, mask_zero, embedding_mean_reference(table, ids, 1, mask_zero)))
+    tensors = {id(table): (tf.constant(table), tf.constant(ids)) for table, ids, *_ in cases}
+    graphs = {mask_zero: tf.function(lambda t, i, mask_zero=mask_zero: fused_tf.embedding_mean(
+        t, i, mask_zero=mask_zero, backend="cpu")) for mask_zero in (False, True)}
+
+    def call(table, ids, axis, mask_zero):
+        return graphs[mask_zero](*tensors[id(table)]).numpy()
+
+    failures = run_threads(call, cases, calls_per_thread=100)
     assert not failures, failures[:3]
 
 

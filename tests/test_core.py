@@ -6,7 +6,7 @@ import fused_embedding as fe
 from fused_embedding import backends
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16, Axis, output_shape
-from fused_embedding.validation import POISON, assert_close, poisoned, random_inputs
+from fused_embedding.validation import assert_close, poisoned, random_inputs, unwritten
 
 HOST_BACKENDS = ["cpu", "numpy"]
 TABLE_DTYPES = [np.float32, np.float16, BFLOAT16]
@@ -24,6 +24,17 @@ def run_backend(name, table, ids, axis, mask_zero):
     return out
 
 
+@pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_poison_is_seen_in_every_output_dtype(dtype):
+    """The unwritten-element check sees the poison as the dtype rounds it (float16 and
+    bfloat16 can't hold POISON exactly, so a value compare would miss every element)."""
+    out = poisoned((3, 4), dtype)
+    out[1, 2] = 0.5
+    expected = np.ones((3, 4), bool)
+    expected[1, 2] = False
+    np.testing.assert_array_equal(unwritten(out), expected)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("table_dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=lambda d: np.dtype(d).name)
@@ -37,7 +48,7 @@ def test_matches_reference(rng, backend, table_dtype, id_dtype, shape, axis, mas
         ids[0, :] = 0  # an all-padding bag
     expected = embedding_mean_reference(table, ids, axis, mask_zero)
     out = run_backend(backend, table, ids, axis, mask_zero)
-    assert not (out == POISON).any(), "kernel left output elements unwritten"
+    assert not unwritten(out).any(), "kernel left output elements unwritten"
     assert out.dtype == np.dtype(table_dtype)
     assert_close(out, expected, table_dtype)
     # The public entry point gives the same.
@@ -68,7 +79,7 @@ def test_serial_and_parallel_kernels_both_match_reference(rng, monkeypatch, seri
         for mask_zero in (False, True):
             expected = embedding_mean_reference(table, ids, axis, mask_zero)
             out = run_backend("cpu", table, ids, axis, mask_zero)
-            assert not (out == POISON).any(), "kernel left output elements unwritten"
+            assert not unwritten(out).any(), "kernel left output elements unwritten"
             assert_close(out, expected, table_dtype)
         bad = ids.copy()
         bad[batch // 2, length - 1] = vocab

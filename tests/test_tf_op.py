@@ -66,10 +66,11 @@ _PATCHED_FOR_MODE = {"tf.function+numpy_function": "_uses_compiled_kernel",
                      "tf.function+py_function": "_runs_on_host"}
 
 
-def run_op(mode, table, ids, **kwargs):
+def run_op(mode, table, ids, input_signature=None, **kwargs):
+    """The op on (table, ids) in ``mode``; a graph is traced for ``input_signature`` if given."""
     if mode == "eager":
         return fused_tf.embedding_mean(table, ids, **kwargs)
-    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs))
+    graph_fn = tf.function(lambda t, i: fused_tf.embedding_mean(t, i, **kwargs), input_signature=input_signature)
     if mode in _PATCHED_FOR_MODE:
         name = _PATCHED_FOR_MODE[mode]
         original = getattr(fused_tf, name)
@@ -189,6 +190,25 @@ def test_rank_and_axis_errors_when_the_graph_is_built():
             tf.TensorSpec([VOCAB, DIM], tf.float32), tf.TensorSpec([None], tf.int32))
     with pytest.raises(ValueError, match="axis must be 1"):
         fused_tf.embedding_mean(np.zeros((2, 2), np.float32), np.zeros((1, 1), np.int32), axis=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("axis", [1, 2])
+def test_a_table_without_columns_is_refused(mode, axis):
+    """A (V, 0) table is an error in every form, though its output would be empty."""
+    table, ids = tf.zeros((5, 0)), tf.constant([[99]], tf.int32)
+    with pytest.raises(ValueError, match=r"at least one column \(D >= 1\), got shape \(5, 0\)"):
+        run_op(mode, table, ids, axis=axis)
+    if mode != "eager":  # D known only when the graph runs: refused then
+        unknown = [tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.int32)]
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"at least one column \(D >= 1\)"):
+            run_op(mode, table, ids, input_signature=unknown, axis=axis)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_unknown_backend_is_a_value_error(mode):
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        run_op(mode, tf.zeros((5, 3)), tf.zeros((2, 2), tf.int32), backend="fast")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -70,6 +70,12 @@ def _check_inputs(table, ids, mask_zero) -> None:
         raise ValueError(f"ids must be 2-D (B, L), got {ids.ndim}-D with shape {tuple(ids.shape)}")
 
 
+def check_backend_name(name) -> None:
+    """Raise ValueError unless ``name`` is one of the registered backends' names."""
+    if name not in backends.REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(backends.REGISTRY)}")
+
+
 def choose_backend(requested, table_device: str, ids_device: str) -> str:
     """The backend to run: the requested one (argument, then env var) or the fastest for the device."""
     if table_device == "cpu" and ids_device == "cuda":
@@ -77,8 +83,7 @@ def choose_backend(requested, table_device: str, ids_device: str) -> str:
                          "GPU (the ids, being small, may stay on the host), or both on the host")
     name = requested if requested is not None else os.environ.get(BACKEND_ENV_VAR) or None
     if name is not None:
-        if name not in backends.REGISTRY:
-            raise ValueError(f"unknown backend {name!r}; expected one of {sorted(backends.REGISTRY)}")
+        check_backend_name(name)
         reason = backends.unavailable_reason(name)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} was requested but is not available here: {reason}")

@@ -113,15 +113,18 @@ class _ExportGuard(tf.saved_model.experimental.TrackableResource):
 
 
 _guard = None
+_guard_lock = threading.Lock()  # graphs traced on two threads at once share one guard
 
 
 def export_guard() -> _ExportGuard:
     global _guard
     if _guard is None:
-        with tf.init_scope():  # an eager resource, created once, captured by every graph
-            guard = _ExportGuard()
-            guard.resource_handle  # noqa: B018 (created lazily: create it here, eagerly)
-        _guard = guard
+        with _guard_lock:
+            if _guard is None:
+                with tf.init_scope():  # an eager resource, created once, captured by every graph
+                    guard = _ExportGuard()
+                    guard.resource_handle  # noqa: B018 (created lazily: create it here, eagerly)
+                _guard = guard
     return _guard
 
 
@@ -136,6 +139,8 @@ def _check_symbolic(table: tf.Tensor, ids: tf.Tensor, mask_zero) -> None:
         raise TypeError(f"ids must be int32 or int64, got {ids.dtype.name}{hint}")
     if table.shape.rank is not None and table.shape.rank != 2:
         raise ValueError(f"table must be 2-D (V, D), got shape {table.shape}")
+    if table.shape.rank == 2 and table.shape[1] == 0:
+        raise ValueError(f"table must have at least one column (D >= 1), got shape {table.shape}")
     if ids.shape.rank is not None and ids.shape.rank != 2:
         raise ValueError(f"ids must be 2-D (B, L), got shape {ids.shape}")
 
@@ -200,14 +205,21 @@ def _read_only_view(array: np.ndarray) -> np.ndarray:
     return np.frombuffer(frozen, dtype=array.dtype).reshape(array.shape)
 
 
+class _BadIdError(ValueError):
+    """A bad id, raised from the op's Python bodies: numpy_function and py_function map a
+    ValueError to InvalidArgumentError (what tf.gather raises for a bad id; an IndexError
+    would surface as UnknownError), and the eager op raises InvalidArgumentError for this
+    one while letting its argument errors through as they are."""
+
+
 def _run_core_on_host_arrays(table, ids, axis, mask_zero, backend):
     """The numpy_function body: TF's buffers in as arrays, the core's result out."""
     if axis is Axis.EMBEDDING:
         table = _read_only_view(table)
     try:
         return api._embedding_mean(table, ids, int(axis), mask_zero, backend, aligned_output=True)
-    except IndexError as exc:  # the InvalidArgumentError tf.gather raises, as in _run_core
-        raise ValueError(str(exc)) from exc
+    except IndexError as exc:
+        raise _BadIdError(str(exc)) from exc
 
 
 def _run_core(table, ids, axis, mask_zero, backend):
@@ -220,9 +232,7 @@ def _run_core(table, ids, axis, mask_zero, backend):
         return _host_result(api._embedding_mean(np.asarray(table), np.asarray(ids), int(axis),
                                                 mask_zero, backend, aligned_output=True))
     except IndexError as exc:
-        # py_function maps ValueError to InvalidArgumentError (what tf.gather raises
-        # for a bad id); an IndexError would surface as UnknownError.
-        raise ValueError(str(exc)) from exc
+        raise _BadIdError(str(exc)) from exc
 
 
 class _Bfloat16Bits:
@@ -337,7 +347,8 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
       the static shape the inputs give.
 
     Raises:
-      TypeError / ValueError when the graph is built: dtype, rank, axis.
+      TypeError / ValueError when the graph is built (eagerly: when called): dtype,
+        rank, axis, a table with no columns, an unknown backend.
       tf.errors.InvalidArgumentError when it runs: an id outside [0, V), the
         message naming the id, its (row, column) and V.
 
@@ -345,6 +356,8 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     none for the integer ids.
     """
     axis = api.normalize_axis(axis)
+    if backend is not None:  # where the body runs later, a wrong name would only show then
+        api.check_backend_name(backend)
     with tf.name_scope(name or "fused_embedding_mean"):
         table = tf.convert_to_tensor(table)
         ids = tf.convert_to_tensor(ids)
@@ -360,11 +373,12 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
         @tf.custom_gradient
         def fused(table_value):
             if tf.executing_eagerly():
-                # Eagerly the body runs in place (no round trip's fixed cost), its
-                # errors raised as the graph op would raise them.
+                # Eagerly the body runs in place (no round trip's fixed cost). A bad id
+                # raises what the graph op raises; argument errors (a backend, a table
+                # with no columns) stay ValueError / TypeError, as when a graph is built.
                 try:
                     out = _run_core(table_value, ids, axis, mask_zero, backend)
-                except (ValueError, TypeError) as exc:
+                except _BadIdError as exc:
                     raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
                 out = tf.convert_to_tensor(out, dtype=table_value.dtype)
             else:

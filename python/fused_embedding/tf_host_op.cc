@@ -93,6 +93,10 @@ class FusedEmbeddingMeanOp : public OpKernel {
                                            ids.shape().DebugString()));
     const int64_t vocab = table.dim_size(0), dim = table.dim_size(1);
     const int64_t batch = ids.dim_size(0), length = ids.dim_size(1);
+    // Before the empty-output return below, which a (V, 0) table would take unchecked.
+    OP_REQUIRES(context, dim >= 1,
+                absl::InvalidArgumentError("table must have at least one column (D >= 1), got shape " +
+                                           table.shape().DebugString()));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, dim}), &out));
     if (out->NumElements() == 0) return;

@@ -76,6 +76,17 @@ def poisoned(shape, dtype):
     return np.full(shape, POISON, dtype=dtype)
 
 
+def unwritten(out) -> np.ndarray:
+    """Where host array ``out`` still holds POISON's bits (bool, out's shape).
+
+    Compared as bits: float16 and bfloat16 round the poison (to -12344 and -12352),
+    so a value compare against POISON would never see it.
+    """
+    out = np.asarray(out)
+    bits = f"u{out.dtype.itemsize}"
+    return out.view(bits) == poisoned((1,), out.dtype).view(bits)[0]
+
+
 def random_inputs(rng, vocab, dim, batch, length, table_dtype=np.float32, id_dtype=np.int32,
                   padding_fraction=0.0):
     """Fresh random (table [V][D], ids [B][L]) for validation: uniform ids, normal table values.

@@ -6,6 +6,13 @@ prefetch distance and serial/parallel choice as ``backends/cpu.py``'s
 ``embedding_mean``, on raw buffers. Compiled when this module is first imported and
 cached on disk.
 
+Two things are fixed when it compiles: the launch heuristics (``launch.py``), whose
+module constants Numba reads as constants (setting ``launch.CPU_SERIAL_MAX_BYTES``
+later changes the Python launcher, not this one), and the kernels it inlines. Numba
+keys the disk cache on this file alone: after editing ``launch.py`` or the kernels
+(``kernels/cpu*.py``), delete ``backends/__pycache__/cpu_cfunc.*.nb[ic]`` as well as
+``kernels/__pycache__/*.nb[ic]``, or the old machine code keeps running.
+
 Arguments (all int64 but the addresses):
   table: address of [V][D] float32, or uint16 bits of float16 / bfloat16 (``format``)
   vocab, dim: V, D; format: ``semantics.FORMAT_*``
