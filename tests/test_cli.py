@@ -144,6 +144,7 @@ def test_quick_bench_writes_its_files(quick_run):
     assert code == 0
     results = json.loads((out / cli.RESULTS_JSON).read_text())
     assert results["schema"] == cli.SCHEMA_VERSION
+    assert results["command"].startswith("fused-embedding bench --quick --device cpu --sizes 8,4,16,500")
     assert {"command", "date", "duration_s", "seed", "machine", "versions", "bytes_model", "copy",
             "load_average", "skipped", "validation", "measurements"} <= set(results)
     assert {"cpu", "cores", "gpu", "python"} <= set(results["machine"])

@@ -161,5 +161,8 @@ def test_native_ops_twin_matches_the_reference(rng):
                     table, ids)
             assert out.dtype == tf.float16
             assert_close(np.asarray(out), embedding_mean_reference(table, ids, axis, mask_zero), np.float16)
-    with fused_tf.native_ops(), pytest.raises(tf.errors.InvalidArgumentError, match="id >= V"):
+    with fused_tf.native_ops(), pytest.raises(tf.errors.InvalidArgumentError) as info:
         tf.function(lambda t, i: fused_tf.embedding_mean(t, i))(table, ids + VOCAB)
+    assert "ids must be < V" in info.value.message and f"[{VOCAB}]" in info.value.message  # V shown
+    with fused_tf.native_ops(), pytest.raises(tf.errors.InvalidArgumentError, match="ids must be >= 0"):
+        tf.function(lambda t, i: fused_tf.embedding_mean(t, i))(table, ids - VOCAB)

@@ -147,6 +147,13 @@ def test_layer_in_sequential_and_functional_models_has_static_shapes(rng):
     assert model.predict(padded_ids(rng, False).astype(np.int64), verbose=0).shape == (BATCH, 2)
 
 
+def test_output_shape_of_ids_that_are_not_2d_is_refused():
+    layer = EmbeddingMean(VOCAB, DIM)
+    assert layer.compute_output_shape((None, LENGTH)) == (None, DIM)
+    with pytest.raises(ValueError, match=r"ids of shape \(batch, length\), got shape \(2, 3, 4\)"):
+        layer.compute_output_shape((2, 3, 4))
+
+
 def test_float_ids_refused_when_the_model_is_built():
     with pytest.raises(TypeError, match="int32 or int64 ids, got float32"):
         EmbeddingMean(VOCAB, DIM)(keras.Input((LENGTH,)))

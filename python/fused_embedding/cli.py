@@ -178,7 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
                        help="table dtypes for --sizes (default fp32) or for the default shapes")
     bench.add_argument("--axes", default="1,2", metavar="1,2", help="axes to time (default both)")
     bench.add_argument("--repeats", type=_positive_int, metavar="N",
-                       help=f"timed calls per provider and shape (default {REPEATS}, --quick {QUICK_REPEATS})")
+                       help=f"at most N timed calls per provider and shape (default {REPEATS}, --quick "
+                            f"{QUICK_REPEATS}); a shape stops early, after {MIN_ROUNDS} or more, once it "
+                            f"has run {CASE_SECONDS:g} s ({QUICK_CASE_SECONDS:g} s with --quick)")
     bench.add_argument("--out", metavar="DIR", default="bench-results",
                        help=f"folder for {RESULTS_JSON}, {RESULTS_PNG} and {RESULTS_MD} (default ./bench-results)")
     bench.add_argument("--results-md", metavar="PATH",
@@ -403,7 +405,7 @@ def run_bench(args, parser) -> int:
     if bar is not None:
         bar.close()
 
-    results = dict(schema=SCHEMA_VERSION, command="fused-embedding " + " ".join(sys.argv[1:]),
+    results = dict(schema=SCHEMA_VERSION, command="fused-embedding " + " ".join(args.argv),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    duration_s=round(time.time() - started, 1), seed=seed, quick=bool(args.quick),
                    machine=machine_info(), versions=versions(), bytes_model=BYTES_MODEL_TEXT,
@@ -886,6 +888,7 @@ def run_validate(args, parser) -> int:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
     try:
         return args.run(args, args.subparser)
     except KeyboardInterrupt:

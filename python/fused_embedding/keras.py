@@ -99,6 +99,8 @@ class EmbeddingMean(keras.layers.Layer):
         return keras.ops.cast(out, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
+        if len(tuple(input_shape)) != 2:
+            raise ValueError(f"EmbeddingMean takes ids of shape (batch, length), got shape {tuple(input_shape)}")
         batch, length = tuple(input_shape)
         return (batch, self.output_dim) if self.axis == 1 else (batch, length)
 

@@ -603,24 +603,19 @@ def validate_provider(provider: Provider, rng, axis: Axis, table_dtype,
     return compare(result, expected, **tolerance(table_dtype, "reference" if provider.exact else "keras"))
 
 
-def time_runner(runner: Callable[[int], Any], n_sets: int, repeats: int, warmup: int = 2,
-                max_seconds: float | None = None) -> list[float]:
-    """Seconds per call, id sets rotated call by call; stops early past ``max_seconds``.
+def time_runner(runner: Callable[[int], Any], n_sets: int, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``repeats`` calls, id sets rotated call by call.
 
     The first ``warmup`` calls (compilation, tracing, first touch) are not kept.
-    At least 3 timed calls are kept even past ``max_seconds``.
     """
     for k in range(warmup):
         runner(k % n_sets)
     times = []
-    start = time.perf_counter()
     for rep in range(repeats):
         k = (warmup + rep) % n_sets
         t0 = time.perf_counter()
         runner(k)
         times.append(time.perf_counter() - t0)
-        if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start > max_seconds:
-            break
     return times
 
 

@@ -284,9 +284,13 @@ def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
     the kernels: bounds checked on every device, zeros for empty bags.
     """
     vocab = tf.shape(table, out_type=ids.dtype)[0]
+    # TF's assertions append the offending values (and V) to these messages.
     checks = [
-        tf.debugging.assert_non_negative(ids, message="fused_embedding: negative id in ids"),
-        tf.debugging.assert_less(ids, vocab, message="fused_embedding: id >= V (rows of the table) in ids"),
+        tf.debugging.assert_non_negative(
+            ids, message="fused_embedding: ids must be >= 0 (expected 0 <= id < V); ids with a negative id:"),
+        tf.debugging.assert_less(
+            ids, vocab, message="fused_embedding: ids must be < V, the table's rows (expected 0 <= id < V); "
+                                "ids and V:"),
     ]
     with tf.control_dependencies(checks):
         rows = tf.cast(tf.gather(table, ids), tf.float32)                 # [B][L][D]

@@ -4,9 +4,12 @@ On the host the op's axis-1 path runs as its own compiled TF op (``FusedEmbeddin
 instead of a Python-function op, so a call costs what TF's own ops cost to
 dispatch, not a round trip into Python (benchmarks/NOTES.md). The library is
 compiled once with the C++ compiler (``$CXX``, else ``c++``) against the installed
-TF's headers, into ``$FUSED_EMBEDDING_CACHE_DIR`` (default
-``~/.cache/fused_embedding``), named by a hash of the source, TF's version and
-the flags, so a new TF or a changed source builds anew. Where that can't be done (no
+TF's headers, into ``cache_dir()``: ``$FUSED_EMBEDDING_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fused_embedding`` or ``~/.cache/fused_embedding``, else (home not
+writable) a folder in the temporary directory. The file is named by a hash of the
+source, TF's version and the build command (the compiler's path among it), so a new
+TF, a changed source or another compiler builds anew; a compiler upgraded in place
+at the same path does not (delete the file to rebuild). Where that can't be done (no
 compiler, no TF headers, a Numba threading layer that isn't thread-safe) the op
 keeps its Python body; ``unavailable_reason()`` says why. Setting
 ``FUSED_EMBEDDING_COMPILED_TF_OP=0`` turns it off.
@@ -108,7 +111,8 @@ def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> Non
                        OUT_OF_RANGE_MESSAGE.encode(), len(dtypes),
                        (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats))
     if status != 0:
-        raise RuntimeError(f"the library refused the table dtypes {dtypes}")
+        raise RuntimeError(f"the library refused the table dtypes' TF enum values {dtypes}: it "
+                           "takes values from 0 to 31 (kDataTypes in tf_host_op.cc)")
 
 
 def _load():
