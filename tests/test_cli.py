@@ -115,7 +115,7 @@ def test_results_md_rewrites_only_its_section(tmp_path):
     begin, end = cli.MD_BEGIN.format(device="CPU", generator=cli.MD_GENERATOR), cli.MD_END.format(device="CPU")
     assert first.index("## CPU") < first.index(begin) < first.index("CPU table v1") < first.index(end) \
         < first.index("## GPU")
-    # What the lead pastes under GPU, and notes anywhere outside the markers, survive.
+    # What is pasted by hand under GPU, and notes anywhere outside the markers, survive.
     pasted = first + "\n| H100 | numba-cuda | 0.9 ms |\n"
     pasted = pasted.replace("## CPU\n", "## CPU\n\nA note kept by hand.\n")
     second = cli.update_results_md(pasted, "cpu", "CPU table v2")
