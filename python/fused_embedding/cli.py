@@ -170,7 +170,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "gpu", "all"], default="all",
                        help="where to run: cpu, gpu, or all (default: the CPU, and the GPU when one is present)")
     bench.add_argument("--quick", action="store_true",
-                       help="one shape (B=1024, L=64, D=128, V=1,000,000, fp32), fewer repeats: about a minute")
+                       help="one shape (B=1024, L=64, D=128, V=1,000,000, fp32), fewer repeats: "
+                            "about a third of the default run's time")
     bench.add_argument("--sizes", metavar="B,L,D[,V];...",
                        help="shapes to time instead of the default sweep, e.g. '1024,64,128;8,16,32,5000' "
                             f"(V defaults to {DEFAULT_VOCAB:,})")
