@@ -17,7 +17,6 @@ first group; targets for ``fused[cpu]`` there (and at D=16, D=512, L=1, L=512): 
 least as fast as ``torch-embedding-bag`` and within 2x of the floor (the bytes model
 over the copy baseline's bandwidth).
 """
-import numba
 import numpy as np
 import pytest
 
@@ -92,27 +91,9 @@ def test_copy_baseline(benchmark):
     benchmark.extra_info.update(bytes=nbytes, gb_per_s=P.gb_per_s(nbytes, benchmark.stats.stats.median))
 
 
-@numba.njit(parallel=True, fastmath=True, nogil=True)
-def _sum_lines(lines, chunks):
-    """Sum of a [N][16] float32 buffer (one 64-byte line per row), read once, in
-    ``chunks`` parallel pieces of sequential lines; N must be a multiple of 4 * chunks."""
-    per = lines.shape[0] // chunks
-    partial = np.zeros((chunks, 16), dtype=np.float32)
-    for chunk in numba.prange(chunks):
-        acc = np.zeros(16, dtype=np.float32)
-        for row in range(chunk * per, (chunk + 1) * per, 4):  # four lines per step: more loads in flight
-            for lane in range(16):
-                acc[lane] += lines[row, lane] + lines[row + 1, lane] + lines[row + 2, lane] + lines[row + 3, lane]
-        partial[chunk] = acc
-    return partial.sum()
-
-
 def test_read_baseline(benchmark):
     """A read-only stream of 256 MiB on every thread: the bandwidth reads alone reach (GB/s = bytes / time)."""
-    lines = np.ones((P.COPY_BYTES // 64, 16), dtype=np.float32)
-    # A few pieces per thread, a power of two so they tile the 2**22 lines in steps of 4.
-    chunks = 1 << (16 * numba.config.NUMBA_NUM_THREADS - 1).bit_length()
-    assert _sum_lines(lines, chunks) == lines.size  # compiled, and every line read
+    run, nbytes = P.read_baseline(P.COPY_BYTES)
     benchmark.group = "read baseline"
-    benchmark.pedantic(_sum_lines, args=(lines, chunks), rounds=10, warmup_rounds=2, iterations=1)
-    benchmark.extra_info.update(bytes=P.COPY_BYTES, gb_per_s=P.gb_per_s(P.COPY_BYTES, benchmark.stats.stats.median))
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(bytes=nbytes, gb_per_s=P.gb_per_s(nbytes, benchmark.stats.stats.median))

@@ -13,7 +13,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MEASUREMENT_KEYS = {"device", "provider", "batch", "length", "dim", "vocab", "dtype", "axis",
                     "id_sets", "status", "note"}
 TIMED_KEYS = {"times_ms", "median_ms", "p20_ms", "p80_ms", "bytes", "gb_per_s", "pct_of_copy",
-              "speedup_vs_unfused", "baseline"}
+              "pct_of_read", "speedup_vs_unfused", "baseline"}
 
 
 def run_main(argv, capsys):
@@ -145,11 +145,11 @@ def test_quick_bench_writes_its_files(quick_run):
     results = json.loads((out / cli.RESULTS_JSON).read_text())
     assert results["schema"] == cli.SCHEMA_VERSION
     assert results["command"].startswith("fused-embedding bench --quick --device cpu --sizes 8,4,16,500")
-    assert {"command", "date", "duration_s", "seed", "machine", "versions", "bytes_model", "copy",
+    assert {"command", "date", "duration_s", "seed", "machine", "versions", "bytes_model", "copy", "read",
             "load_average", "skipped", "validation", "measurements"} <= set(results)
     assert {"cpu", "cores", "gpu", "python"} <= set(results["machine"])
     assert results["versions"]["numpy"] == np.__version__
-    assert results["copy"]["cpu"]["gb_per_s"] > 0
+    assert results["copy"]["cpu"]["gb_per_s"] > 0 and results["read"]["cpu"]["gb_per_s"] > 0
     assert results["validation"] and all(v["passed"] for v in results["validation"])
 
     measurements = results["measurements"]
@@ -171,6 +171,7 @@ def test_quick_bench_writes_its_files(quick_run):
         assert m["bytes"] == expected_bytes
         assert m["gb_per_s"] == pytest.approx(expected_bytes / (m["median_ms"] / 1e3) / 1e9, rel=1e-6)
         assert m["pct_of_copy"] == pytest.approx(100 * m["gb_per_s"] / results["copy"]["cpu"]["gb_per_s"])
+        assert m["pct_of_read"] == pytest.approx(100 * m["gb_per_s"] / results["read"]["cpu"]["gb_per_s"])
     fused = [m for m in measurements if m["provider"] == "fused[cpu]"]
     assert len(fused) == len(cases) and all(m["status"] == "ok" for m in fused)
     # Speedups are over TF's unfused path where TF runs, else PyTorch's, in the same case.
@@ -186,6 +187,7 @@ def test_quick_bench_writes_its_files(quick_run):
     assert cli.MD_BEGIN.format(device="CPU", generator=cli.MD_GENERATOR) in text and "## GPU" in text
     assert "| B=8 L=4 D=16 V=500 fp32 axis 1 | fused[cpu] |" in text
     assert results["machine"]["cpu"] in text
+    assert f"Read bandwidth: {results['read']['cpu']['gb_per_s']:.1f} GB/s" in text and "% read BW" in text
     assert (out / cli.RESULTS_MD).read_text().startswith("## CPU")
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
 

@@ -375,12 +375,13 @@ def run_bench(args, parser) -> int:
 
     if bar is not None:
         bar.set_description("copy bandwidth")
-    copy = {}
+    copy, read = {}, {}
     for device in devices:
-        try:
-            copy[device] = P.measure_copy(device, repeats=20)
-        except Exception as exc:
-            copy[device] = dict(device=device, error=f"{type(exc).__name__}: {exc}", gb_per_s=None)
+        for baselines, measure in ((copy, P.measure_copy), (read, P.measure_read)):
+            try:
+                baselines[device] = measure(device, repeats=20)
+            except Exception as exc:
+                baselines[device] = dict(device=device, error=f"{type(exc).__name__}: {exc}", gb_per_s=None)
 
     measurements = []
     # One table per (V, D, dtype), shared by its cases and axes: a 512 MB table is
@@ -401,7 +402,7 @@ def run_bench(args, parser) -> int:
                         bar.set_description(_case_label(case))
                     measurements += _measure_case(
                         P, [p for p in available if p.device == device], case, table, axis, cache,
-                        rng, repeats, case_seconds, failed, copy.get(device, {}), bar)
+                        rng, repeats, case_seconds, failed, copy.get(device, {}), read.get(device, {}), bar)
         del table, cache
     if bar is not None:
         bar.close()
@@ -411,7 +412,7 @@ def run_bench(args, parser) -> int:
                    duration_s=round(time.time() - started, 1), seed=seed, quick=bool(args.quick),
                    machine=machine_info(), versions=versions(), bytes_model=BYTES_MODEL_TEXT,
                    load_average=dict(start=load_at_start, end=_load_average()),
-                   copy=copy, skipped=skipped, validation=validation, measurements=measurements)
+                   copy=copy, read=read, skipped=skipped, validation=validation, measurements=measurements)
     print(format_table(results))
     write_outputs(results, Path(args.out), Path(args.results_md) if args.results_md else None)
     print(f"wrote {Path(args.out) / RESULTS_JSON}, {Path(args.out) / RESULTS_PNG}, "
@@ -422,7 +423,7 @@ def run_bench(args, parser) -> int:
 
 
 def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_seconds, failed,
-                  copy, bar) -> list[dict]:
+                  copy, read, bar) -> list[dict]:
     """Time every provider on one case, interleaved; one measurement dict per provider."""
     n_sets = P.id_set_count(case["batch"], case["length"], case["dim"], table.dtype)
     results, runners = [], []
@@ -468,7 +469,8 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
             stats = P.summarize(times)
             gbs = P.gb_per_s(nbytes, stats["median_ms"] / 1e3)
             m.update(stats, times_ms=[t * 1e3 for t in times], bytes=nbytes, gb_per_s=gbs,
-                     pct_of_copy=100 * gbs / copy["gb_per_s"] if copy.get("gb_per_s") else None)
+                     pct_of_copy=100 * gbs / copy["gb_per_s"] if copy.get("gb_per_s") else None,
+                     pct_of_read=100 * gbs / read["gb_per_s"] if read.get("gb_per_s") else None)
     timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
     baseline = next((timed[name] for name in P.BASELINES[case["device"]] if name in timed), None)
     for m in timed.values():
@@ -500,30 +502,32 @@ def _baseline_text(results, device) -> str:
 
 
 def _rows(results, device):
-    """(case label, provider, ms, p20-p80, GB/s, % copy, speedup) per measurement of ``device``."""
+    """(case label, provider, ms, p20-p80, GB/s, % copy, % read, speedup) per measurement of ``device``."""
     rows = []
     for m in results["measurements"]:
         if m["device"] != device:
             continue
         if m["status"] != "ok":
-            rows.append((_case_label(m), m["provider"], m["status"], m["note"] or "", "", "", ""))
+            rows.append((_case_label(m), m["provider"], m["status"], m["note"] or "", "", "", "", ""))
             continue
         rows.append((_case_label(m), m["provider"], f"{m['median_ms']:.3f}",
                      f"{m['p20_ms']:.3f}-{m['p80_ms']:.3f}", _num(m["gb_per_s"]),
-                     _num(m["pct_of_copy"]), _fmt(m["speedup_vs_unfused"], ".2f")))
+                     _num(m["pct_of_copy"]), _num(m.get("pct_of_read")), _fmt(m["speedup_vs_unfused"], ".2f")))
     return rows
 
 
-HEADER = ("provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "x unfused")
+HEADER = ("provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "% read BW", "x unfused")
 
 
 def format_table(results) -> str:
     """The terminal table: one block per case, providers side by side."""
     lines = []
     for device in dict.fromkeys(m["device"] for m in results["measurements"]):
-        copy = results["copy"].get(device, {})
+        copy, read = results["copy"].get(device, {}), results["read"].get(device, {})
         lines.append(f"\n{device.upper()}: copy bandwidth {_fmt(copy.get('gb_per_s'), '.1f')} GB/s "
-                     f"({copy.get('what', copy.get('error', ''))}); GB/s from the bytes model; "
+                     f"({copy.get('what', copy.get('error', ''))}), read bandwidth "
+                     f"{_fmt(read.get('gb_per_s'), '.1f')} GB/s ({read.get('what', read.get('error', ''))}); "
+                     f"GB/s from the bytes model; "
                      f"x unfused = speedup over {_baseline_text(results, device)}")
         rows = _rows(results, device)
         timed = [r for r in rows if r[2] not in ("skipped", "failed")]
@@ -577,6 +581,7 @@ def summary_table(results, device) -> list[str]:
 def markdown_block(results, device) -> str:
     """The RESULTS.md section for ``device``: machine, date, versions, copy bandwidth, the table."""
     machine, copy = results["machine"], results["copy"].get(device, {})
+    read = results["read"].get(device, {})
     versions_text = ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v)
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
@@ -584,6 +589,8 @@ def markdown_block(results, device) -> str:
         f"Date: {results['date']}. Command: `{results['command']}` ({results['duration_s']:.0f} s).  ",
         f"Versions: {versions_text}.  ",
         f"Copy bandwidth: {_fmt(copy.get('gb_per_s'), '.1f')} GB/s ({copy.get('what', copy.get('error', ''))}).  ",
+        f"Read bandwidth: {_fmt(read.get('gb_per_s'), '.1f')} GB/s ({read.get('what', read.get('error', ''))}): "
+        f"how fast this device streams memory it only reads, the most a gather could reach.  ",
         f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
         f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",
         f"Median of interleaved calls, providers in a fresh random order each round (p20-p80), "
@@ -594,12 +601,12 @@ def markdown_block(results, device) -> str:
         "",
         "Every measurement:",
         "",
-        "| case | provider | median ms | p20-p80 ms | GB/s | % copy BW | x unfused |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| case | provider | median ms | p20-p80 ms | GB/s | % copy BW | % read BW | x unfused |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in _rows(results, device):
         if row[2] in ("skipped", "failed"):
-            lines.append(f"| {row[0]} | {row[1]} | {row[2]}: {row[3]} | | | | |")
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]}: {row[3]} | | | | | |")
         else:
             lines.append("| " + " | ".join(row) + " |")
     skipped = [s for s in results["skipped"] if s["device"] == device]

@@ -626,6 +626,58 @@ def summarize(times: list[float]) -> dict:
                 p80_ms=float(np.percentile(ms, 80)))
 
 
+_sum_lines = None  # the read baseline's kernel, compiled at its first use
+
+
+def read_baseline(nbytes: int = COPY_BYTES):
+    """(run, nbytes_read): ``run()`` reads a host buffer of about ``nbytes`` once, in order,
+    on every thread of Numba's team, and returns its sum (so no read can be left out).
+
+    The fastest a gather could stream its rows (it only reads them): the buffer as
+    [N][16] float32, one 64-byte line per row, N a power of two, in a few pieces per
+    thread, four lines per step for more loads in flight.
+    """
+    global _sum_lines
+    import numba
+    if _sum_lines is None:
+        @numba.njit(parallel=True, fastmath=True, nogil=True)
+        def sum_lines(lines, pieces):  # pieces must divide N / 4
+            per = lines.shape[0] // pieces
+            partial = np.zeros((pieces, 16), dtype=np.float32)
+            for piece in numba.prange(pieces):
+                acc = np.zeros(16, dtype=np.float32)
+                for row in range(piece * per, (piece + 1) * per, 4):
+                    for lane in range(16):
+                        acc[lane] += lines[row, lane] + lines[row + 1, lane] + lines[row + 2, lane] \
+                            + lines[row + 3, lane]
+                partial[piece] = acc
+            return partial.sum()
+        _sum_lines = sum_lines
+    rows = 1 << max(8, (nbytes // 64).bit_length() - 1)
+    lines = np.ones((rows, 16), dtype=np.float32)
+    pieces = min(rows // 4, 1 << (16 * numba.config.NUMBA_NUM_THREADS - 1).bit_length())
+    kernel = _sum_lines
+
+    def run():
+        return kernel(lines, pieces)
+    if run() != lines.size:  # compiles it, and checks every line was read
+        raise RuntimeError("the read baseline's kernel did not read its whole buffer")
+    return run, lines.nbytes
+
+
+def measure_read(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> dict:
+    """The bandwidth a large read-only stream reaches on the host (GB/s = bytes / time);
+    for a GPU device, a dict with ``error`` (not measured there)."""
+    if device != "cpu":
+        return dict(device=device, error="measured on the host only", gb_per_s=None)
+    run, nbytes = read_baseline(nbytes)
+    times = time_runner(lambda _k: run(), 1, repeats)
+    stats = summarize(times)
+    stats.update(device=device, what=f"a parallel read of {nbytes / 2**20:.0f} MiB", nbytes=nbytes,
+                 gb_per_s=gb_per_s(nbytes, stats["median_ms"] / 1e3), times_ms=[t * 1e3 for t in times])
+    return stats
+
+
 def measure_copy(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> dict:
     """The memory bandwidth a large copy reaches on ``device`` (GB/s = 2 * nbytes / time)."""
     if device == "cpu":
