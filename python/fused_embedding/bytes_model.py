@@ -25,13 +25,6 @@ def fused_bytes(batch: int, length: int, dim: int, table_dtype, id_dtype,
     return batch * length * id_bytes + batch * length * dim * item + out_elems * item
 
 
-def unfused_bytes(batch: int, length: int, dim: int, table_dtype, id_dtype,
-                  axis=Axis.SEQUENCE) -> int:
-    """Bytes of the unfused gather -> mean: the (B, L, D) intermediate is written and read back."""
-    item = np.dtype(table_dtype).itemsize
-    return fused_bytes(batch, length, dim, table_dtype, id_dtype, axis) + 2 * batch * length * dim * item
-
-
 def copy_bytes(nbytes: int) -> int:
     """A copy of nbytes moves nbytes read plus nbytes written."""
     return 2 * nbytes
