@@ -469,14 +469,18 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
             stats = P.summarize(times)
             gbs = P.gb_per_s(nbytes, stats["median_ms"] / 1e3)
             m.update(stats, times_ms=[t * 1e3 for t in times], bytes=nbytes, gb_per_s=gbs,
-                     pct_of_copy=100 * gbs / copy["gb_per_s"] if copy.get("gb_per_s") else None,
-                     pct_of_read=100 * gbs / read["gb_per_s"] if read.get("gb_per_s") else None)
+                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, read))
     timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
     baseline = next((timed[name] for name in P.BASELINES[case["device"]] if name in timed), None)
     for m in timed.values():
         m["baseline"] = baseline["provider"] if baseline else None
         m["speedup_vs_unfused"] = baseline["median_ms"] / m["median_ms"] if baseline else None
     return results
+
+
+def _percent_of(gb_per_s: float, baseline: dict) -> float | None:
+    """GB/s as a percentage of a bandwidth baseline's (None where it wasn't measured)."""
+    return 100 * gb_per_s / baseline["gb_per_s"] if baseline.get("gb_per_s") else None
 
 
 # ---------------------------------------------------------------------------
@@ -493,6 +497,11 @@ def _num(value) -> str:
         return "-"
     digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2 if abs(value) >= 1 else 3
     return f"{value:.{digits}f}"
+
+
+def _bandwidth_text(baseline: dict) -> str:
+    """"38.9 GB/s (np.copyto of 256 MiB)", or the reason a baseline wasn't measured."""
+    return f"{_fmt(baseline.get('gb_per_s'), '.1f')} GB/s ({baseline.get('what', baseline.get('error', ''))})"
 
 
 def _baseline_text(results, device) -> str:
@@ -524,10 +533,8 @@ def format_table(results) -> str:
     lines = []
     for device in dict.fromkeys(m["device"] for m in results["measurements"]):
         copy, read = results["copy"].get(device, {}), results["read"].get(device, {})
-        lines.append(f"\n{device.upper()}: copy bandwidth {_fmt(copy.get('gb_per_s'), '.1f')} GB/s "
-                     f"({copy.get('what', copy.get('error', ''))}), read bandwidth "
-                     f"{_fmt(read.get('gb_per_s'), '.1f')} GB/s ({read.get('what', read.get('error', ''))}); "
-                     f"GB/s from the bytes model; "
+        lines.append(f"\n{device.upper()}: copy bandwidth {_bandwidth_text(copy)}, read bandwidth "
+                     f"{_bandwidth_text(read)}; GB/s from the bytes model; "
                      f"x unfused = speedup over {_baseline_text(results, device)}")
         rows = _rows(results, device)
         timed = [r for r in rows if r[2] not in ("skipped", "failed")]
@@ -588,8 +595,8 @@ def markdown_block(results, device) -> str:
         + (f"; GPU {machine['gpu']}" if device == "gpu" and machine.get("gpu") else "") + ".  ",
         f"Date: {results['date']}. Command: `{results['command']}` ({results['duration_s']:.0f} s).  ",
         f"Versions: {versions_text}.  ",
-        f"Copy bandwidth: {_fmt(copy.get('gb_per_s'), '.1f')} GB/s ({copy.get('what', copy.get('error', ''))}).  ",
-        f"Read bandwidth: {_fmt(read.get('gb_per_s'), '.1f')} GB/s ({read.get('what', read.get('error', ''))}): "
+        f"Copy bandwidth: {_bandwidth_text(copy)}.  ",
+        f"Read bandwidth: {_bandwidth_text(read)}: "
         f"how fast this device streams memory it only reads, the most a gather could reach.  ",
         f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
         f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",

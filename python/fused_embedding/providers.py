@@ -671,11 +671,8 @@ def measure_read(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> di
     if device != "cpu":
         return dict(device=device, error="measured on the host only", gb_per_s=None)
     run, nbytes = read_baseline(nbytes)
-    times = time_runner(lambda _k: run(), 1, repeats)
-    stats = summarize(times)
-    stats.update(device=device, what=f"a parallel read of {nbytes / 2**20:.0f} MiB", nbytes=nbytes,
-                 gb_per_s=gb_per_s(nbytes, stats["median_ms"] / 1e3), times_ms=[t * 1e3 for t in times])
-    return stats
+    return _bandwidth(device, f"a parallel read of {nbytes / 2**20:.0f} MiB", nbytes,
+                      time_runner(lambda _k: run(), 1, repeats))
 
 
 def measure_copy(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> dict:
@@ -709,10 +706,13 @@ def measure_copy(device: str, repeats: int = 10, nbytes: int = COPY_BYTES) -> di
             what = f"torch copy_ of {nbytes / 2**20:.0f} MiB"
         else:
             raise RuntimeError(f"no GPU copy baseline: CuPy is missing and {torch_reason}")
-    times = time_runner(run, 1, repeats)
+    return _bandwidth(device, what, copy_bytes(nbytes), time_runner(run, 1, repeats))
+
+
+def _bandwidth(device: str, what: str, nbytes: int, times: list[float]) -> dict:
+    """A bandwidth baseline's record: the timing summary, what ran, the bytes it moved, GB/s."""
     stats = summarize(times)
-    stats.update(device=device, what=what, nbytes=copy_bytes(nbytes),
-                 gb_per_s=gb_per_s(copy_bytes(nbytes), stats["median_ms"] / 1e3),
+    stats.update(device=device, what=what, nbytes=nbytes, gb_per_s=gb_per_s(nbytes, stats["median_ms"] / 1e3),
                  times_ms=[t * 1e3 for t in times])
     return stats
 
