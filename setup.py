@@ -18,9 +18,9 @@ setup(
         # TensorFlow is an extra, as TF add-ons do it, so a user's own TF build is kept.
         "tensorflow": ["tensorflow>=2.16"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
-        "gpu": ["numba-cuda>=0.20", "cupy-cuda13x"],  # CuPy built for CUDA 13
+        "gpu": ["numba-cuda>=0.30", "cupy-cuda13x"],  # CuPy built for CUDA 13
         "bench": ["matplotlib", "tqdm", "psutil"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numba-cuda>=0.20", "psutil",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numba-cuda>=0.30", "psutil",
                  "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["fused-embedding=fused_embedding.cli:main"]},

@@ -320,6 +320,42 @@ def check_result(result, table, ids, axis, mask_zero, dtype):
     return compare(result, embedding_mean_reference(table, ids, axis, mask_zero), **tolerance(dtype))
 
 
+DIRECT_LAUNCH_CHECK = """
+import sys
+sys.path.insert(0, {benchmarks!r})
+import gpu_check
+gpu_check.import_package()
+import numpy as np
+import fused_embedding as fe
+from fused_embedding.reference import embedding_mean_reference
+from fused_embedding.validation import assert_close, random_inputs
+table, ids = random_inputs(np.random.default_rng(), 500, 64, 40, 9, np.float32, np.int64)
+for axis in (1, 2):
+    assert_close(fe.embedding_mean(table, ids, axis=axis, backend="numba-cuda"),
+                 embedding_mean_reference(table, ids, axis), np.float32)
+print("ok")
+"""
+
+
+def check_direct_launch(report):
+    """numba-cuda's direct launch (backends/numba_cuda.py), tried first in a child process:
+    a launch given wrong arguments could leave this process's CUDA context unusable.
+    If it fails, this run falls back to Numba's own launch and says so."""
+    import subprocess
+
+    from fused_embedding.backends import numba_cuda
+    code = DIRECT_LAUNCH_CHECK.format(benchmarks=str(ROOT / "benchmarks"))
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+        ok, detail = run.returncode == 0 and "ok" in run.stdout, last_error(run.stderr or run.stdout)
+    except Exception as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    report.case("numba-cuda", "direct launch, in a child process (both axes)", ok,
+                "" if ok else detail + "; this run uses Numba's own launch")
+    if not ok:
+        numba_cuda.DIRECT_LAUNCH = False
+
+
 def run_validation(report, names, simulate):
     import numpy as np
 
@@ -335,6 +371,8 @@ def run_validation(report, names, simulate):
             report.case(name, "all cases", None, f"unavailable: {reason}")
             continue
         module = backends.get(name)
+        if name == "numba-cuda" and not simulate:
+            check_direct_launch(report)
         deadline = time.monotonic() + VALIDATION_BUDGET_S_PER_BACKEND
         for label, dtype_name, id_dtype, shape, axis, mask in validation_cases(simulate):
             if time.monotonic() > deadline:
@@ -544,37 +582,91 @@ def call_breakdown(report, torch, cupy, cuda, config, calls=50):
     synchronised before and after (so it is latency, not throughput)."""
     import numpy as np
 
-    from fused_embedding import api, backends
-    from fused_embedding.semantics import Axis
+    from fused_embedding import backends
     label, dtype_name, dim, batch, length, axis = config
     setup = make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length)
     table, id_sets = setup["table"], setup["ids"]
     report.say(f"\n== whole-call breakdown, {label} (host ms per step, median of {calls}; device idle at each start)")
-    for name in ("numba-cuda", "cupy"):
+    for label_name, name, by_dispatcher in (("numba-cuda", "numba-cuda", False),
+                                            ("numba-cuda, Numba's own launch", "numba-cuda", True),
+                                            ("cupy", "cupy", False)):
         if backends.unavailable_reason(name) is not None:
             continue
-        module = backends.get(name)
-        steps = {"core checks": [], "prepare": [], "launch": [], "kernel (sync)": [], "finish": []}
-        for i in range(calls):
-            ids = id_sets[i % ID_SETS]
-            cuda.synchronize()
-            t0 = time.perf_counter()
-            api._check_inputs(table, ids, False)
-            api.choose_backend(name, api.device_of(table), api.device_of(ids))
-            t1 = time.perf_counter()
-            call = module.prepare(table, ids, Axis(axis), False)
-            t2 = time.perf_counter()
-            call.launch()
-            t3 = time.perf_counter()
-            cuda.synchronize()
-            t4 = time.perf_counter()
-            call.finish()
-            t5 = time.perf_counter()
-            for key, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                steps[key].append(value * 1e3)
-        report.say(f"  {name:<11} " + "  ".join(f"{key} {np.median(v):.3f}" for key, v in steps.items()))
+        with numba_launch_by_dispatcher(by_dispatcher):
+            steps = call_steps(name, table, id_sets, axis, cuda, calls)
+        report.say(f"  {label_name:<31} " + "  ".join(f"{key} {np.median(v):.3f}" for key, v in steps.items()))
         report.data.setdefault("breakdown", []).append(
-            dict(config=label, backend=name, **{key: float(np.median(v)) for key, v in steps.items()}))
+            dict(config=label, backend=label_name, **{key: float(np.median(v)) for key, v in steps.items()}))
+    profile_host_time(report, table, id_sets, axis)
+
+
+def call_steps(name, table, id_sets, axis, cuda, calls):
+    """Host ms of each step of ``calls`` whole calls of backend ``name``: {step: [ms, ...]}."""
+    from fused_embedding import api, backends
+    from fused_embedding.semantics import Axis
+    module = backends.get(name)
+    steps = {"core checks": [], "prepare": [], "launch": [], "kernel (sync)": [], "finish": []}
+    for i in range(calls):
+        ids = id_sets[i % ID_SETS]
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        api._check_inputs(table, ids, False)
+        api.choose_backend(name, api.device_of(table), api.device_of(ids))
+        t1 = time.perf_counter()
+        call = module.prepare(table, ids, Axis(axis), False)
+        t2 = time.perf_counter()
+        call.launch()
+        t3 = time.perf_counter()
+        cuda.synchronize()
+        t4 = time.perf_counter()
+        call.finish()
+        t5 = time.perf_counter()
+        for key, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            steps[key].append(value * 1e3)
+    return steps
+
+
+class numba_launch_by_dispatcher:
+    """``with numba_launch_by_dispatcher(): ...`` launches numba-cuda kernels through
+    Numba's dispatcher (the comparison for the direct launch); ``as changed`` is False
+    when that is already the case (the direct launch failed its check)."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        from fused_embedding.backends import numba_cuda
+        self.before = numba_cuda.DIRECT_LAUNCH
+        if self.enabled:
+            numba_cuda.DIRECT_LAUNCH = False
+        return self.enabled and self.before
+
+    def __exit__(self, *_):
+        from fused_embedding.backends import numba_cuda
+        numba_cuda.DIRECT_LAUNCH = self.before
+        return False
+
+
+def profile_host_time(report, table, id_sets, axis, calls=200, top=14):
+    """Where the numba-cuda call's host time goes: cProfile over ``calls`` whole calls,
+    the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
+    import fused_embedding as fe
+    profile = cProfile.Profile()
+    profile.enable()
+    for i in range(calls):
+        fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend="numba-cuda")
+    profile.disable()
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    report.say(f"\n== numba-cuda whole call, host time by function (cProfile, {calls} calls; "
+               f"us per call, own time / with callees)")
+    for (filename, line, function), (_, ncalls, own, cumulative, _) in rows:
+        where = f"{Path(filename).name}:{line}" if line else filename
+        report.say(f"  {1e6 * own / calls:7.1f} {1e6 * cumulative / calls:8.1f}  {ncalls / calls:5.1f}x  "
+                   f"{function} ({where})")
 
 
 def measure_copy(report, timer, torch, cupy):
@@ -648,6 +740,11 @@ def time_config(report, timer, config, copy_gbs, torch, cupy, cuda, deadline):
             report.say(f"{label:<18} {name + ' kernel':<34} FAILED: {type(exc).__name__}: {exc}")
         record(f"{name} op (embedding_mean)",
                lambda i: fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend=name))
+        if name == "numba-cuda" and config == MAIN:
+            with numba_launch_by_dispatcher() as changed:
+                if changed:
+                    record("numba-cuda op, Numba's own launch",
+                           lambda i: fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend=name))
     if torch is not None:
         weight, torch_ids = setup["torch_table"], setup["torch_ids"]
         functional = torch.nn.functional

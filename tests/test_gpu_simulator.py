@@ -143,6 +143,79 @@ def test_device_table_gives_a_device_result(rng, axis):
     assert_close(host_ids.copy_to_host(), expected, np.float32)
 
 
+# --- the direct launch's arguments (no GPU needed) -----------------------------------------
+class InterfaceOnly:
+    """A GPU array as far as the CUDA array interface goes (the memory is never touched)."""
+
+    def __init__(self, shape, typestr, pointer, strides=None):
+        self.__cuda_array_interface__ = {"shape": shape, "strides": strides, "typestr": typestr,
+                                         "data": (pointer, False), "version": 3}
+
+
+def test_device_buffer_reads_the_interface_and_views_the_same_bytes():
+    from fused_embedding.backends.numba_cuda import DeviceBuffer
+    table = DeviceBuffer.of(InterfaceOnly((5, 8), "<f4", 4096))
+    assert (table.pointer, table.shape, table.strides, table.c_contiguous) == (4096, (5, 8), (32, 4), True)
+    words = table.view(np.uint64)
+    assert (words.shape, words.strides, words.dtype, words.pointer) == ((5, 4), (32, 8), np.dtype(np.uint64), 4096)
+    assert words.__cuda_array_interface__["strides"] is None  # contiguous: Numba types it "C"
+    assert words.kernel_arguments() == (0, 0, 20, 8, 4096, 5, 4, 32, 8)
+    strided = DeviceBuffer.of(InterfaceOnly((3, 4), "<i8", 8192, strides=(64, 8)))  # every other row
+    assert not strided.c_contiguous and strided.__cuda_array_interface__["strides"] == (64, 8)
+    with pytest.raises(ValueError, match="contiguous last axis"):
+        DeviceBuffer.of(InterfaceOnly((3, 4), "<f4", 0, strides=(32, 8))).view(np.uint64)
+
+
+NUMBA_FLATTENING = """
+import types
+import numpy as np
+from numba.cuda.cudadrv import devicearray, driver
+from numba.cuda.descriptor import cuda_target
+from numba.cuda.dispatcher import _Kernel
+from fused_embedding.backends.numba_cuda import DeviceBuffer, _numba_type, _type_key
+
+class InterfaceOnly:
+    def __init__(self, shape, typestr, pointer, strides=None):
+        self.__cuda_array_interface__ = {"shape": shape, "strides": strides, "typestr": typestr,
+                                         "data": (pointer, False), "version": 3}
+
+checked = 0
+for array in [InterfaceOnly((5, 7), "<u8", 1 << 16), InterfaceOnly((5, 7), "<i8", 1 << 17, (80, 8)),
+              InterfaceOnly((1,), "<i8", 4096), InterfaceOnly((4, 6), "<f4", 8192, (4, 16)),
+              InterfaceOnly((3, 9), "<u2", 1 << 20)]:
+    buffer = DeviceBuffer.of(array)
+    numba_type = _numba_type(_type_key(buffer))
+    fields = cuda_target.target_context.data_model_manager[numba_type]._fields
+    assert fields == ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides"), fields
+    # Numba's own argument packing for its own device array over the same memory.
+    memory = driver.MemoryPointer(None, driver.binding.CUdeviceptr(buffer.pointer), size=1 << 20, owner=None)
+    numba_array = devicearray.DeviceNDArray(shape=buffer.shape, strides=buffer.strides, dtype=buffer.dtype,
+                                            gpu_data=memory, stream=0)
+    packed = []
+    _Kernel._prepare_args(types.SimpleNamespace(extensions=[]), numba_type, numba_array, 0, [], packed)
+    assert [int(v) for v in packed] == list(buffer.kernel_arguments()), (packed, buffer.kernel_arguments())
+    checked += 1
+packed = []
+_Kernel._prepare_args(types.SimpleNamespace(extensions=[]), _numba_type(bool), True, 0, [], packed)
+assert packed == [True], packed
+print("checked", checked)
+"""
+
+
+@requires_numba_cuda
+def test_direct_launch_packs_arrays_as_numba_does():
+    """The direct launch passes each array as Numba's dispatcher would (same fields, same values).
+
+    Runs numba-cuda's real target (not the simulator) in a child process; nothing
+    touches a GPU, so it runs here too. Fails when a numba-cuda release changes how
+    kernel arguments are laid out, before any kernel could read them wrongly.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    run = subprocess.run([sys.executable, "-c", NUMBA_FLATTENING], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "checked 5" in run.stdout, (run.stdout + run.stderr)[-3000:]
+
+
 # --- launch shapes ----------------------------------------------------------------------
 @pytest.mark.parametrize("dim, item, address, widest, expected", [
     (128, 4, 0, 16, 16), (128, 4, 8, 16, 8), (128, 4, 4, 16, 4), (3, 4, 0, 16, 4),

@@ -6,6 +6,10 @@ Host (NumPy) inputs are copied to the device and the result copied back: the way
 to validate the kernels, and the way they run under the CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``). A table on the GPU with ids on the host copies the
 ids only, never the table.
+
+On a GPU the kernels are compiled by Numba and launched directly (``_direct_launch``:
+arguments read from the CUDA array interface, packed as Numba packs them, launched
+through cuda.core as Numba does); under the simulator, by Numba's dispatcher.
 """
 from __future__ import annotations
 
@@ -61,20 +65,76 @@ def _on_device(array) -> bool:
     return device_of(array) == "cuda"
 
 
-def device_view(array):
-    """A Numba device array over a GPU array's memory (no copy).
+def _c_strides(shape, itemsize) -> tuple:
+    strides, step = [], itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    return tuple(reversed(strides))
 
-    Takes ``__cuda_array_interface__`` objects, or CUDA DLPack arrays through CuPy.
+
+class DeviceBuffer:
+    """A GPU array as a kernel argument: address, shape, strides (bytes), element dtype.
+
+    Read straight from ``__cuda_array_interface__`` (or a CUDA DLPack array through
+    CuPy). Making Numba's own device array for every input, and letting Numba's
+    dispatcher type and unpack each argument again at the launch, cost 0.26 ms of
+    host time per call on an H200: about as much as the kernel at the main shape
+    (benchmarks/NOTES.md, GPU run 5). ``owner`` keeps the memory alive.
     """
-    from numba import cuda
-    if hasattr(array, "__cuda_array_interface__"):
-        return cuda.as_cuda_array(array)
-    try:
-        import cupy
-    except ImportError as exc:
-        raise TypeError(f"a {type(array).__name__} on the GPU without __cuda_array_interface__ "
-                        f"needs CuPy to be imported through DLPack ({exc})") from exc
-    return cuda.as_cuda_array(cupy.from_dlpack(array))
+
+    __slots__ = ("pointer", "shape", "strides", "dtype", "owner")
+
+    def __init__(self, pointer, shape, strides, dtype, owner):
+        self.pointer, self.shape, self.strides, self.dtype, self.owner = pointer, shape, strides, dtype, owner
+
+    @classmethod
+    def of(cls, array) -> "DeviceBuffer":
+        interface = getattr(array, "__cuda_array_interface__", None)
+        if interface is None:
+            try:
+                import cupy
+            except ImportError as exc:
+                raise TypeError(f"a {type(array).__name__} on the GPU without __cuda_array_interface__ "
+                                f"needs CuPy to be imported through DLPack ({exc})") from exc
+            array = cupy.from_dlpack(array)
+            interface = array.__cuda_array_interface__
+        dtype = np.dtype(interface["typestr"])
+        shape = tuple(interface["shape"])
+        strides = interface.get("strides")
+        strides = tuple(strides) if strides is not None else _c_strides(shape, dtype.itemsize)
+        return cls(interface["data"][0], shape, strides, dtype, array)
+
+    @property
+    def c_contiguous(self) -> bool:
+        return self.strides == _c_strides(self.shape, self.dtype.itemsize)
+
+    def view(self, dtype) -> "DeviceBuffer":
+        """The same bytes as elements of ``dtype``; the last axis (contiguous) is rescaled."""
+        dtype = np.dtype(dtype)
+        if dtype == self.dtype:
+            return self
+        if self.strides[-1] != self.dtype.itemsize:
+            raise ValueError(f"a view as {dtype} needs a contiguous last axis, got strides {self.strides}")
+        last = self.shape[-1] * self.dtype.itemsize // dtype.itemsize
+        return DeviceBuffer(self.pointer, self.shape[:-1] + (last,), self.strides[:-1] + (dtype.itemsize,),
+                            dtype, self.owner)
+
+    @property
+    def __cuda_array_interface__(self):
+        # No strides for a C-contiguous array: Numba then types it with layout "C" (its
+        # strides compiled in), as it types its own contiguous arrays.
+        return {"shape": self.shape, "strides": None if self.c_contiguous else self.strides,
+                "typestr": self.dtype.str, "data": (self.pointer, False), "version": 3}
+
+    def kernel_arguments(self) -> tuple:
+        """The array as Numba passes it to a kernel: its array model's fields in order
+        (meminfo, parent, nitems, itemsize, data, shape..., strides...), the same
+        values Numba's dispatcher passes; tests/test_gpu_simulator.py checks the model."""
+        size = 1
+        for extent in self.shape:
+            size *= extent
+        return (0, 0, size, self.dtype.itemsize, self.pointer, *self.shape, *self.strides)
 
 
 def element_dtype(dtype) -> np.dtype:
@@ -90,15 +150,68 @@ def word_dtype(fmt: int, word_bytes: int, item_bytes: int) -> np.dtype:
     return np.dtype({4: np.uint32, 8: np.uint64}[word_bytes])
 
 
+# True: kernels are launched by _direct_launch. False: by Numba's dispatcher
+# (``kernel[grid, block](...)``), which types and unpacks every argument again on
+# each call; kept to compare against (benchmarks/gpu_check.py) and to fall back on.
+DIRECT_LAUNCH = True
+
+# (kernel dispatcher, argument type keys) -> the kernel compiled for those types.
+_compiled = {}
+
+
+def _type_key(argument):
+    if isinstance(argument, DeviceBuffer):
+        return argument.dtype.str, len(argument.shape), "C" if argument.c_contiguous else "A"
+    return type(argument)
+
+
+def _numba_type(key):
+    """The Numba type of an argument with this _type_key: an array typed with layout "C"
+    (strides compiled in) when C-contiguous, else "A" (strides read at run time)."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+    if key is bool:
+        return types.boolean
+    dtype, ndim, layout = key
+    return types.Array(numpy_support.from_dtype(np.dtype(dtype)), ndim, layout)
+
+
+def _direct_launch(dispatcher, config, arguments):
+    """A callable that launches ``dispatcher``'s kernel on Numba's default stream
+    (the legacy stream, as ``kernel[grid, block](...)`` does), with the arguments
+    flattened here. The kernel is compiled once per distinct set of argument types."""
+    from cuda.core import LaunchConfig, Stream, launch
+    key = (dispatcher, tuple(_type_key(a) for a in arguments))
+    kernel = _compiled.get(key)
+    if kernel is None:
+        kernel = _compiled[key] = dispatcher.compile(tuple(_numba_type(k) for k in key[1]))
+    flat = []
+    for argument in arguments:
+        if isinstance(argument, DeviceBuffer):
+            flat.extend(argument.kernel_arguments())
+        else:
+            flat.append(argument)
+    launch_config = LaunchConfig(grid=config.grid, block=config.block)
+    stream = Stream.from_handle(0)  # the handle Numba's own launch uses for its default stream
+
+    def run():
+        # get_cufunc() also makes Numba's context current on the calling thread.
+        launch(stream, launch_config, kernel.library.get_cufunc().kernel, *flat)
+    return run
+
+
 def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     """Device views/copies of the inputs and output, the kernel and its launch shape.
 
     table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 (host or device);
     out: None, or a host/device array of the output's shape and the table's dtype.
+    On a GPU the arguments are DeviceBuffers launched directly; under the CUDA
+    simulator (host inputs only) they are Numba's arrays, launched by its dispatcher.
     """
     from numba import cuda
 
     from ..kernels import cuda as kernels
+    simulated = kernels.SIMULATED
     table_on_device = _on_device(table)
     ids_on_device = _on_device(ids)
     batch, length = ids.shape
@@ -110,39 +223,37 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
         if out is None:
             out = np.empty(shape, dtype) if not table_on_device else \
-                _device_result(cuda.device_array(shape, elements), dtype, table)
+                _device_result(_device_empty(shape, elements), dtype, table)
         return PreparedCall(None, lambda: out)
+
+    def to_device(host):
+        copy = cuda.to_device(np.ascontiguousarray(host))  # keeps what the caller put there (poison)
+        return copy if simulated else DeviceBuffer.of(copy)
 
     # Table -> words: a view of the same bytes, loaded word_bytes at a time.
     if table_on_device:
-        d_table = device_view(table)
-        if d_table.dtype != elements:
-            d_table = d_table.view(elements)
-        contiguous = d_table.is_c_contiguous()
-        address = d_table.device_ctypes_pointer.value if contiguous else 1
+        d_table = DeviceBuffer.of(table).view(elements)
+        contiguous = d_table.c_contiguous
+        address = d_table.pointer if contiguous else 1
     else:
         host_table = np.ascontiguousarray(table).view(elements)
-        d_table, contiguous, address = None, True, 0  # a fresh device allocation is 256-byte aligned
+        contiguous, address = True, 0  # a fresh device allocation is 256-byte aligned
     word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES[fmt]) \
         if contiguous else dtype.itemsize
     word = word_dtype(fmt, word_bytes, dtype.itemsize)
-    if table_on_device:
-        d_words = d_table.view(word) if word != d_table.dtype else d_table
-    else:
-        d_words = cuda.to_device(host_table.view(word))
+    d_words = d_table.view(word) if table_on_device else to_device(host_table.view(word))
 
-    d_ids = device_view(ids) if ids_on_device else cuda.to_device(np.ascontiguousarray(ids))
+    d_ids = DeviceBuffer.of(ids) if ids_on_device else to_device(ids)
+    host_out = None
     if out is None:
         d_out = _device_empty(shape, elements)
-        host_out = None if table_on_device else np.empty(shape, dtype)
+        if not table_on_device:
+            host_out = np.empty(shape, dtype)
     elif _on_device(out):
-        d_out = device_view(out)
-        if d_out.dtype != elements:
-            d_out = d_out.view(elements)
-        host_out = None
+        d_out = DeviceBuffer.of(out).view(elements)
     else:
         host_out = out
-        d_out = cuda.to_device(out.view(elements))  # keeps what the caller put there (poison)
+        d_out = to_device(out.view(elements))
     bad_position = _device_full(batch * length)  # "no bad id": the kernel atomically lowers it
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
@@ -153,18 +264,20 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
         kernel = kernels.make_gather_mean_embedding(fmt, word.str, config.lanes)
 
     def finish():
-        first_bad = int(bad_position.copy_to_host()[0])  # the one value read back; waits for the kernel
+        first_bad = int(_to_host(bad_position)[0])  # the one value read back; waits for the kernel
         if first_bad < batch * length:
             row, col = divmod(first_bad, length)
-            bad_id = d_ids[row:row + 1, col:col + 1].copy_to_host()[0, 0] if ids_on_device else ids[row, col]
+            bad_id = _to_host(d_ids)[row, col] if ids_on_device else ids[row, col]
             raise out_of_range_error(int(bad_id), row, col, vocab)
         if host_out is not None:
-            d_out.copy_to_host(host_out.view(elements))
+            host_out.view(elements)[...] = _to_host(d_out)
             return host_out
         return out if out is not None else _device_result(d_out, dtype, table)
 
     args = (d_words, d_ids, bool(mask_zero), d_out, bad_position)
-    return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
+    if simulated or not DIRECT_LAUNCH:
+        return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
+    return PreparedCall(_direct_launch(kernel, config, args), finish)
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):
@@ -179,44 +292,67 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
 
 
 def _device_empty(shape, dtype):
-    """An uninitialised device array, from CuPy's memory pool when CuPy is there.
+    """An uninitialised device array (a DeviceBuffer on a GPU), from CuPy's memory pool when CuPy is there.
 
     Numba allocates with cudaMalloc and frees with cudaFree, which waits for the
     device: measured on an H200, the whole call took 1.43 ms around a 0.29 ms
     kernel (benchmarks/RESULTS.md). A pooled block is reused without either.
     """
     from numba import cuda
+
+    from ..kernels.cuda import SIMULATED
+    if SIMULATED:
+        return cuda.device_array(shape, dtype)
     try:
         import cupy
     except ImportError:
-        return cuda.device_array(shape, dtype)
-    # The view keeps the CuPy array alive; nothing was written to it, so no sync.
-    return cuda.as_cuda_array(cupy.empty(shape, dtype), sync=False)
+        return DeviceBuffer.of(cuda.device_array(shape, dtype))
+    return DeviceBuffer.of(cupy.empty(shape, dtype))
 
 
 def _device_full(value):
-    """A one-element int64 device array holding value.
+    """A one-element int64 device array holding value (a DeviceBuffer on a GPU).
 
     Numba's ``array[:] = value`` launches a Numba assignment kernel through its
     dispatcher (the largest part of the 0.44 ms the call spent preparing on an
     H200, benchmarks/RESULTS.md); CuPy fills from its pool with one small launch.
     """
     from numba import cuda
+
+    from ..kernels.cuda import SIMULATED
+    if SIMULATED:
+        return cuda.to_device(np.array([value], dtype=np.int64))
     try:
         import cupy
     except ImportError:
-        return cuda.to_device(np.array([value], dtype=np.int64))
-    return cuda.as_cuda_array(cupy.full((1,), value, dtype=np.int64), sync=False)
+        return DeviceBuffer.of(cuda.to_device(np.array([value], dtype=np.int64)))
+    return DeviceBuffer.of(cupy.full((1,), value, dtype=np.int64))
+
+
+def _to_host(array) -> np.ndarray:
+    """A device array's contents as NumPy (waits for the work queued before it)."""
+    if not isinstance(array, DeviceBuffer):  # a Numba (simulator) array
+        return array.copy_to_host()
+    owner = array.owner
+    if hasattr(owner, "get"):  # CuPy
+        return owner.get()
+    if not hasattr(owner, "copy_to_host"):  # any other CUDA array interface object
+        from numba import cuda
+        owner = cuda.as_cuda_array(owner)
+    return owner.copy_to_host()
 
 
 def _device_result(d_out, dtype, table):
     """The device output as the caller's kind of array: CuPy for CuPy tables, else Numba's."""
+    from numba import cuda
     try:
         import cupy
     except ImportError:
         cupy = None
+    owner = d_out.owner if isinstance(d_out, DeviceBuffer) else d_out
     if cupy is not None and isinstance(table, cupy.ndarray) and np.dtype(dtype) != BFLOAT16:
-        return cupy.asarray(d_out)
+        return cupy.asarray(owner)
+    result = owner if hasattr(owner, "copy_to_host") else cuda.as_cuda_array(owner)
     if np.dtype(dtype) == BFLOAT16:
-        return d_out.view(BFLOAT16)
-    return d_out
+        return result.view(BFLOAT16)
+    return result
