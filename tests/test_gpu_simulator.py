@@ -198,13 +198,41 @@ for array in [InterfaceOnly((5, 7), "<u8", 1 << 16), InterfaceOnly((5, 7), "<i8"
 packed = []
 _Kernel._prepare_args(types.SimpleNamespace(extensions=[]), _numba_type(bool), True, 0, [], packed)
 assert packed == [True], packed
+
+# The launch keeps its buffers (and the memory they own) alive: it passes bare addresses.
+import gc, weakref
+from fused_embedding import launch
+from fused_embedding.backends import numba_cuda
+
+class Owner:  # memory only the buffer refers to, as a host table's device copy is
+    __cuda_array_interface__ = {"shape": (4, 2), "strides": None, "typestr": "<u8", "data": (1 << 12, False),
+                                "version": 3}
+
+launched = []
+class Kernel:
+    library = types.SimpleNamespace(get_cufunc=lambda: types.SimpleNamespace(kernel="kernel"))
+class Dispatcher:
+    def compile(self, argument_types):
+        return Kernel()
+import cuda.core
+cuda.core.launch = lambda stream, config, kernel, *flat: launched.append(flat)
+owner = Owner()
+alive = weakref.ref(owner)
+run = numba_cuda._direct_launch(Dispatcher(), launch.gpu_launch(1, 4, 3, 2, 8, 8),
+                                (DeviceBuffer.of(owner), True))
+del owner
+gc.collect()
+assert alive() is not None, "the launch let its buffer's owner go"
+run()
+assert launched == [(0, 0, 8, 8, 1 << 12, 4, 2, 16, 8, True)], launched
 print("checked", checked)
 """
 
 
 @requires_numba_cuda
 def test_direct_launch_packs_arrays_as_numba_does():
-    """The direct launch passes each array as Numba's dispatcher would (same fields, same values).
+    """The direct launch passes each array as Numba's dispatcher would (same fields, same
+    values), and keeps the buffers it passes by address alive while it can run.
 
     Runs numba-cuda's real target (not the simulator) in a child process; nothing
     touches a GPU, so it runs here too. Fails when a numba-cuda release changes how

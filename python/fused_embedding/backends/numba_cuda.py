@@ -197,6 +197,9 @@ def _direct_launch(dispatcher, config, arguments):
     def run():
         # get_cufunc() also makes Numba's context current on the calling thread.
         launch(stream, launch_config, kernel.library.get_cufunc().kernel, *flat)
+    # ``flat`` holds bare addresses: the buffers must live as long as the call can run,
+    # or memory only they own (a host table's device copy) is freed under the kernel.
+    run.arguments = arguments
     return run
 
 
