@@ -21,8 +21,8 @@ each lane sums a strided part of the row, then a shared-memory tree adds the
 group's partial sums (no warp shuffles, so the same source runs in the CUDA
 simulator).
 
-Bounds: an id outside [0, V) makes the kernel atomically lower
-``bad_position[0]`` to its flat position ``b * L + l``; the host reads that one
+Bounds: an id outside [0, V) makes the kernel atomically lower ``bad_position[0]``
+(at least B*L on entry) to its flat position ``b * L + l``; the host reads that one
 value after the launch and raises. Padding ids (``mask_zero``) are never read.
 
 Index arithmetic is 64-bit: block and thread numbers are widened before they are
@@ -209,7 +209,7 @@ def make_gather_mean_sequence(fmt: int, word_dtype: str, lanes: int, words_per_l
         """out[b, d] = mean of table[ids[b, l], d] over the counted l.
 
         words [V][W] (the table as words); ids [B][L] int32/int64; out [B][D]
-        float32, float16 or uint16 bfloat16 bits; bad_position [1] int64, B*L on entry.
+        float32, float16 or uint16 bfloat16 bits; bad_position [1] int64, >= B*L on entry.
         """
         batch, length = ids.shape
         vocab, n_words = words.shape
@@ -291,7 +291,7 @@ def make_gather_mean_embedding(fmt: int, word_dtype: str, lanes: int):
         """out[b, l] = mean over d of table[ids[b, l], d]; padding gives 0.
 
         words [V][W]; ids [B][L] int32/int64; out [B][L] float32, float16 or
-        uint16 bfloat16 bits; bad_position [1] int64, B*L on entry.
+        uint16 bfloat16 bits; bad_position [1] int64, >= B*L on entry.
         """
         batch, length = ids.shape
         vocab, n_words = words.shape

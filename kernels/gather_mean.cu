@@ -16,7 +16,7 @@
 // Axis 2 (gather_mean_embedding): a group of G lanes per (bag, position) sums the row in
 // strided words, four in flight, then reduces across the group with __shfl_xor_sync.
 //
-// Bounds: an id outside [0, V) lowers *bad_position (B * L on entry) to its flat position
+// Bounds: an id outside [0, V) lowers *bad_position (at least B * L on entry) to its flat position
 // b * L + l with atomicMin; the host reads it after the launch and raises. Padding ids
 // (mask_zero) are never read. All index arithmetic is 64-bit.
 

@@ -303,7 +303,17 @@ class StandInArray:
     shape = property(lambda self: self.host.shape)
     ndim = property(lambda self: self.host.ndim)
     flags = property(lambda self: self.host.flags)
-    data = property(lambda self: type("Memory", (), {"ptr": self.host.ctypes.data})())
+    @property
+    def data(self):
+        host = self.host
+
+        class Memory:
+            ptr = host.ctypes.data
+
+            @staticmethod
+            def memset_async(value, size):
+                host.view(np.uint8).reshape(-1)[:size] = value
+        return Memory()
 
     def view(self, dtype):
         return StandInArray(self.host.view(dtype))
@@ -352,7 +362,6 @@ def cupy_stand_in(library, entries):
     return types.SimpleNamespace(
         ndarray=StandInArray, int64=np.int64, asarray=asarray, ascontiguousarray=asarray,
         empty=lambda shape, dtype: StandInArray(np.empty(shape, dtype)),
-        full=lambda n, value, dtype: StandInArray(np.full(n, value, dtype)),
         RawModule=RawModule, cuda=types.SimpleNamespace(Device=Device))
 
 

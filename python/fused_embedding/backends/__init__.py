@@ -82,6 +82,13 @@ class PreparedCall:
         return self._finish()
 
 
+# The GPU kernels' error flag on entry, "no bad id": above any flat position b * L + l a
+# kernel can lower it to, with every byte 0x7F so one asynchronous memset writes it
+# (CuPy's full() launched a fill kernel: 26 us of host time per call on an H200).
+NO_BAD_POSITION_BYTE = 0x7F
+NO_BAD_POSITION = int.from_bytes(bytes([NO_BAD_POSITION_BYTE]) * 8, "little")
+
+
 # Also filled in by the TF op's compiled kernel (tf_host_op.cc), which gets it at load.
 OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
                         "(expected 0 <= id < {vocab})")

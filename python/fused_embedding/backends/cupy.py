@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, Axis, output_shape, table_format
-from . import PreparedCall, out_of_range_error
+from . import NO_BAD_POSITION_BYTE, PreparedCall, out_of_range_error
 
 DEVICE = "cuda"
 
@@ -131,7 +131,8 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     else:
         host_out = out
         d_out = cupy.asarray(out.view(elements))  # keeps what the caller put there (poison)
-    bad_position = cupy.full(1, batch * length, dtype=cupy.int64)
+    bad_position = cupy.empty(1, dtype=cupy.int64)
+    bad_position.data.memset_async(NO_BAD_POSITION_BYTE, 8)  # NO_BAD_POSITION: the kernel atomically lowers it
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
     name = kernel_name(axis, fmt, config, d_ids.dtype)

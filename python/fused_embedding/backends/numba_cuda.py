@@ -13,11 +13,13 @@ through cuda.core as Numba does); under the simulator, by Numba's dispatcher.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
-from . import PreparedCall, out_of_range_error
+from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, out_of_range_error
 
 DEVICE = "cuda"
 
@@ -83,10 +85,11 @@ class DeviceBuffer:
     (benchmarks/NOTES.md, GPU run 5). ``owner`` keeps the memory alive.
     """
 
-    __slots__ = ("pointer", "shape", "strides", "dtype", "owner")
+    __slots__ = ("pointer", "shape", "strides", "dtype", "owner", "c_contiguous")
 
     def __init__(self, pointer, shape, strides, dtype, owner):
         self.pointer, self.shape, self.strides, self.dtype, self.owner = pointer, shape, strides, dtype, owner
+        self.c_contiguous = strides == _c_strides(shape, dtype.itemsize)
 
     @classmethod
     def of(cls, array) -> "DeviceBuffer":
@@ -104,10 +107,6 @@ class DeviceBuffer:
         strides = interface.get("strides")
         strides = tuple(strides) if strides is not None else _c_strides(shape, dtype.itemsize)
         return cls(interface["data"][0], shape, strides, dtype, array)
-
-    @property
-    def c_contiguous(self) -> bool:
-        return self.strides == _c_strides(self.shape, self.dtype.itemsize)
 
     def view(self, dtype) -> "DeviceBuffer":
         """The same bytes as elements of ``dtype``; the last axis (contiguous) is rescaled."""
@@ -176,11 +175,24 @@ def _numba_type(key):
     return types.Array(numpy_support.from_dtype(np.dtype(dtype)), ndim, layout)
 
 
+@functools.lru_cache(maxsize=256)  # grids vary with B: bounded
+def _launch_config(grid, block):
+    from cuda.core import LaunchConfig
+    return LaunchConfig(grid=grid, block=block)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_stream():
+    """The stream Numba's own launch uses for stream 0: the legacy default stream."""
+    from cuda.core import Stream
+    return Stream.from_handle(0)
+
+
 def _direct_launch(dispatcher, config, arguments):
     """A callable that launches ``dispatcher``'s kernel on Numba's default stream
     (the legacy stream, as ``kernel[grid, block](...)`` does), with the arguments
     flattened here. The kernel is compiled once per distinct set of argument types."""
-    from cuda.core import LaunchConfig, Stream, launch
+    from cuda.core import launch
     key = (dispatcher, tuple(_type_key(a) for a in arguments))
     kernel = _compiled.get(key)
     if kernel is None:
@@ -191,8 +203,8 @@ def _direct_launch(dispatcher, config, arguments):
             flat.extend(argument.kernel_arguments())
         else:
             flat.append(argument)
-    launch_config = LaunchConfig(grid=config.grid, block=config.block)
-    stream = Stream.from_handle(0)  # the handle Numba's own launch uses for its default stream
+    launch_config = _launch_config(config.grid, config.block)
+    stream = _default_stream()
 
     def run():
         # get_cufunc() also makes Numba's context current on the calling thread.
@@ -257,7 +269,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     else:
         host_out = out
         d_out = to_device(out.view(elements))
-    bad_position = _device_full(batch * length)  # "no bad id": the kernel atomically lowers it
+    bad_position = _error_flag()  # NO_BAD_POSITION: the kernel atomically lowers it
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
     if axis is Axis.SEQUENCE:
@@ -313,23 +325,26 @@ def _device_empty(shape, dtype):
     return DeviceBuffer.of(cupy.empty(shape, dtype))
 
 
-def _device_full(value):
-    """A one-element int64 device array holding value (a DeviceBuffer on a GPU).
+def _error_flag():
+    """A one-element int64 device array holding NO_BAD_POSITION (a DeviceBuffer on a GPU).
 
     Numba's ``array[:] = value`` launches a Numba assignment kernel through its
     dispatcher (the largest part of the 0.44 ms the call spent preparing on an
-    H200, benchmarks/RESULTS.md); CuPy fills from its pool with one small launch.
+    H200, benchmarks/NOTES.md); with CuPy it is one asynchronous memset.
     """
     from numba import cuda
 
     from ..kernels.cuda import SIMULATED
-    if SIMULATED:
-        return cuda.to_device(np.array([value], dtype=np.int64))
     try:
         import cupy
     except ImportError:
-        return DeviceBuffer.of(cuda.to_device(np.array([value], dtype=np.int64)))
-    return DeviceBuffer.of(cupy.full((1,), value, dtype=np.int64))
+        cupy = None
+    if SIMULATED or cupy is None:
+        flag = cuda.to_device(np.array([NO_BAD_POSITION], dtype=np.int64))
+        return flag if SIMULATED else DeviceBuffer.of(flag)
+    flag = cupy.empty(1, dtype=np.int64)
+    flag.data.memset_async(NO_BAD_POSITION_BYTE, 8)
+    return DeviceBuffer.of(flag)
 
 
 def _to_host(array) -> np.ndarray:
