@@ -27,6 +27,7 @@ failure is reported and the run goes on; each section has a time budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -626,25 +627,19 @@ def call_steps(name, table, id_sets, axis, cuda, calls):
     return steps
 
 
-class numba_launch_by_dispatcher:
-    """``with numba_launch_by_dispatcher(): ...`` launches numba-cuda kernels through
-    Numba's dispatcher (the comparison for the direct launch); ``as changed`` is False
-    when that is already the case (the direct launch failed its check)."""
-
-    def __init__(self, enabled=True):
-        self.enabled = enabled
-
-    def __enter__(self):
-        from fused_embedding.backends import numba_cuda
-        self.before = numba_cuda.DIRECT_LAUNCH
-        if self.enabled:
-            numba_cuda.DIRECT_LAUNCH = False
-        return self.enabled and self.before
-
-    def __exit__(self, *_):
-        from fused_embedding.backends import numba_cuda
-        numba_cuda.DIRECT_LAUNCH = self.before
-        return False
+@contextlib.contextmanager
+def numba_launch_by_dispatcher(enabled=True):
+    """Inside, numba-cuda kernels are launched by Numba's dispatcher (what the direct
+    launch is compared with); yields False when that was already so (the direct launch
+    failed its check), else ``enabled``."""
+    from fused_embedding.backends import numba_cuda
+    before = numba_cuda.DIRECT_LAUNCH
+    if enabled:
+        numba_cuda.DIRECT_LAUNCH = False
+    try:
+        yield enabled and before
+    finally:
+        numba_cuda.DIRECT_LAUNCH = before
 
 
 def profile_host_time(report, table, id_sets, axis, calls=200, top=14):
