@@ -167,17 +167,15 @@ def test_device_buffer_reads_the_interface_and_views_the_same_bytes():
 
 
 NUMBA_FLATTENING = """
+import sys
 import types
 import numpy as np
 from numba.cuda.cudadrv import devicearray, driver
 from numba.cuda.descriptor import cuda_target
 from numba.cuda.dispatcher import _Kernel
 from fused_embedding.backends.numba_cuda import DeviceBuffer, _numba_type, _type_key
-
-class InterfaceOnly:
-    def __init__(self, shape, typestr, pointer, strides=None):
-        self.__cuda_array_interface__ = {"shape": shape, "strides": strides, "typestr": typestr,
-                                         "data": (pointer, False), "version": 3}
+sys.path.insert(0, "tests")
+from test_gpu_simulator import InterfaceOnly
 
 checked = 0
 for array in [InterfaceOnly((5, 7), "<u8", 1 << 16), InterfaceOnly((5, 7), "<i8", 1 << 17, (80, 8)),

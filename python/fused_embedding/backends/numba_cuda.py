@@ -87,9 +87,9 @@ class DeviceBuffer:
 
     __slots__ = ("pointer", "shape", "strides", "dtype", "owner", "c_contiguous")
 
-    def __init__(self, pointer, shape, strides, dtype, owner):
+    def __init__(self, pointer, shape, strides, dtype, owner, c_contiguous):
         self.pointer, self.shape, self.strides, self.dtype, self.owner = pointer, shape, strides, dtype, owner
-        self.c_contiguous = strides == _c_strides(shape, dtype.itemsize)
+        self.c_contiguous = c_contiguous
 
     @classmethod
     def of(cls, array) -> "DeviceBuffer":
@@ -104,9 +104,10 @@ class DeviceBuffer:
             interface = array.__cuda_array_interface__
         dtype = np.dtype(interface["typestr"])
         shape = tuple(interface["shape"])
+        c_strides = _c_strides(shape, dtype.itemsize)
         strides = interface.get("strides")
-        strides = tuple(strides) if strides is not None else _c_strides(shape, dtype.itemsize)
-        return cls(interface["data"][0], shape, strides, dtype, array)
+        strides = c_strides if strides is None else tuple(strides)
+        return cls(interface["data"][0], shape, strides, dtype, array, strides == c_strides)
 
     def view(self, dtype) -> "DeviceBuffer":
         """The same bytes as elements of ``dtype``; the last axis (contiguous) is rescaled."""
@@ -116,8 +117,9 @@ class DeviceBuffer:
         if self.strides[-1] != self.dtype.itemsize:
             raise ValueError(f"a view as {dtype} needs a contiguous last axis, got strides {self.strides}")
         last = self.shape[-1] * self.dtype.itemsize // dtype.itemsize
+        # Rows keep their strides and the last axis stays contiguous: so does C-contiguity.
         return DeviceBuffer(self.pointer, self.shape[:-1] + (last,), self.strides[:-1] + (dtype.itemsize,),
-                            dtype, self.owner)
+                            dtype, self.owner, self.c_contiguous)
 
     @property
     def __cuda_array_interface__(self):
@@ -226,7 +228,6 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     from numba import cuda
 
     from ..kernels import cuda as kernels
-    simulated = kernels.SIMULATED
     table_on_device = _on_device(table)
     ids_on_device = _on_device(ids)
     batch, length = ids.shape
@@ -241,9 +242,8 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
                 _device_result(_device_empty(shape, elements), dtype, table)
         return PreparedCall(None, lambda: out)
 
-    def to_device(host):
-        copy = cuda.to_device(np.ascontiguousarray(host))  # keeps what the caller put there (poison)
-        return copy if simulated else DeviceBuffer.of(copy)
+    def to_device(host):  # keeps what the caller put there (poison)
+        return _as_argument(cuda.to_device(np.ascontiguousarray(host)))
 
     # Table -> words: a view of the same bytes, loaded word_bytes at a time.
     if table_on_device:
@@ -290,7 +290,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
         return out if out is not None else _device_result(d_out, dtype, table)
 
     args = (d_words, d_ids, bool(mask_zero), d_out, bad_position)
-    if simulated or not DIRECT_LAUNCH:
+    if kernels.SIMULATED or not DIRECT_LAUNCH:
         return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
     return PreparedCall(_direct_launch(kernel, config, args), finish)
 
@@ -306,42 +306,50 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
     return call.finish()
 
 
-def _device_empty(shape, dtype):
-    """An uninitialised device array (a DeviceBuffer on a GPU), from CuPy's memory pool when CuPy is there.
+def _pooled_cupy():
+    """CuPy, whose memory pool the GPU buffers come from; None under the simulator or without CuPy.
 
     Numba allocates with cudaMalloc and frees with cudaFree, which waits for the
     device: measured on an H200, the whole call took 1.43 ms around a 0.29 ms
-    kernel (benchmarks/RESULTS.md). A pooled block is reused without either.
+    kernel (benchmarks/NOTES.md, GPU run 2). A pooled block is reused without either.
     """
-    from numba import cuda
-
     from ..kernels.cuda import SIMULATED
     if SIMULATED:
-        return cuda.device_array(shape, dtype)
+        return None
     try:
         import cupy
     except ImportError:
-        return DeviceBuffer.of(cuda.device_array(shape, dtype))
+        return None
+    return cupy
+
+
+def _as_argument(array):
+    """A Numba device array as the launch takes it: itself under the simulator (Numba's
+    dispatcher launches there), a DeviceBuffer on a GPU."""
+    from ..kernels.cuda import SIMULATED
+    return array if SIMULATED else DeviceBuffer.of(array)
+
+
+def _device_empty(shape, dtype):
+    """An uninitialised device array, from CuPy's pool where there is one (_pooled_cupy)."""
+    from numba import cuda
+    cupy = _pooled_cupy()
+    if cupy is None:
+        return _as_argument(cuda.device_array(shape, dtype))
     return DeviceBuffer.of(cupy.empty(shape, dtype))
 
 
 def _error_flag():
-    """A one-element int64 device array holding NO_BAD_POSITION (a DeviceBuffer on a GPU).
+    """A one-element int64 device array holding NO_BAD_POSITION.
 
     Numba's ``array[:] = value`` launches a Numba assignment kernel through its
     dispatcher (the largest part of the 0.44 ms the call spent preparing on an
     H200, benchmarks/NOTES.md); with CuPy it is one asynchronous memset.
     """
     from numba import cuda
-
-    from ..kernels.cuda import SIMULATED
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
-    if SIMULATED or cupy is None:
-        flag = cuda.to_device(np.array([NO_BAD_POSITION], dtype=np.int64))
-        return flag if SIMULATED else DeviceBuffer.of(flag)
+    cupy = _pooled_cupy()
+    if cupy is None:
+        return _as_argument(cuda.to_device(np.array([NO_BAD_POSITION], dtype=np.int64)))
     flag = cupy.empty(1, dtype=np.int64)
     flag.data.memset_async(NO_BAD_POSITION_BYTE, 8)
     return DeviceBuffer.of(flag)
@@ -363,10 +371,7 @@ def _to_host(array) -> np.ndarray:
 def _device_result(d_out, dtype, table):
     """The device output as the caller's kind of array: CuPy for CuPy tables, else Numba's."""
     from numba import cuda
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
+    cupy = _pooled_cupy()  # under the simulator no table is a CuPy array
     owner = d_out.owner if isinstance(d_out, DeviceBuffer) else d_out
     if cupy is not None and isinstance(table, cupy.ndarray) and np.dtype(dtype) != BFLOAT16:
         return cupy.asarray(owner)
