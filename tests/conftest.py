@@ -16,6 +16,12 @@ import pytest  # noqa: E402
 TEST_SEED = int(os.environ.get("FUSED_EMBEDDING_TEST_SEED", secrets.randbits(32)))
 
 
+def pytest_configure(config):
+    # `pytest -m "not slow"` is the quick development loop; the README's test command runs all.
+    config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core machine "
+                                       "(subprocesses, builds, large tables)")
+
+
 def pytest_report_header(config):
     return f"fused-embedding test seed: {TEST_SEED} (set FUSED_EMBEDDING_TEST_SEED to replay)"
 
