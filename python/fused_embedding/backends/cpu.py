@@ -8,10 +8,9 @@ import numpy as np
 import numba  # no numba: the registry reports this backend unavailable
 
 from .. import launch, row_mean_cache
-from ..memory import empty_on_huge_pages
+from ..memory import empty_on_huge_pages, host_memory_limit_bytes
 from ..semantics import Axis, table_format, output_shape
 from . import raise_bad_id_at
-from .numpy import host_memory_available
 
 DEVICE = "cpu"
 
@@ -21,7 +20,9 @@ def unavailable_reason() -> str | None:
 
 
 def memory_limit_bytes() -> int:
-    return host_memory_available()
+    """Bytes an output may still take on the host, cgroup limits included (memory.py);
+    the TF op's compiled kernel asks this too."""
+    return host_memory_limit_bytes()
 
 
 # Numba's "workqueue" threading layer (its fallback where neither TBB nor OpenMP

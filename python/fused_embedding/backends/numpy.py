@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..memory import host_memory_limit_bytes
 from ..reference import embedding_mean_reference
 from . import out_of_range_error
 
@@ -18,22 +19,11 @@ def unavailable_reason() -> str | None:
 
 
 def memory_limit_bytes() -> int:
-    return host_memory_available()
+    return host_memory_limit_bytes()
 
 
-def host_memory_available() -> int:
-    """Bytes the host can still hand out: MemAvailable, not the total, so an
-    output that fits the machine but not what is free now fails before it is
-    allocated instead of being killed while the kernel writes it."""
-    import os
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+# The GPU backends' simulator mode imports the host bound under this name.
+host_memory_available = host_memory_limit_bytes
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None):
