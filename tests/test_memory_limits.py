@@ -123,3 +123,15 @@ def test_output_too_large_error_wording():
     assert isinstance(error, MemoryError)
     assert str(error) == ("the output (1048576, 1024) float16 needs 2.0 GiB, more than the 1.5 GiB "
                           "the 'cpu' backend's device has")
+
+
+def test_the_bench_sizes_tables_by_the_containers_memory(fake_root, capsys):
+    """`fused-embedding bench` refuses a table over a quarter of the memory: a container's."""
+    from fused_embedding import cli
+    make_tree(fake_root, ["0::/job"], {f"{V2}/job/memory.max": f"{3 * GIB}\n"})
+    assert cli._memory_bytes() == 3 * GIB
+    parser = cli.make_parser()
+    args = parser.parse_args(["bench", "--sizes", "8,4,256,1000000"])  # a 1 GiB float32 table
+    with pytest.raises(SystemExit):
+        cli.build_cases(args, parser)
+    assert "more than a quarter of this machine's 3.0 GiB" in capsys.readouterr().err

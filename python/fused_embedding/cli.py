@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, backends
+from .memory import host_memory_total_bytes
 from .semantics import Axis
 
 DEFAULT_VOCAB = 1_000_000
@@ -125,10 +126,8 @@ def parse_choices(text: str, allowed, what: str) -> list:
 
 
 def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2**63
+    """The machine's memory as this process may use it: a container's limit where lower."""
+    return host_memory_total_bytes()
 
 
 def build_cases(args, parser) -> list[tuple[int, int, int, int, str]]:
