@@ -7,8 +7,10 @@ import os
 import numpy as np
 
 from . import backends
+from .checks import check_backend_name, check_host_inputs, normalize_axis
 from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned
-from .semantics import ID_DTYPES, TABLE_FORMATS, Axis, output_shape
+from .semantics import output_shape
+from .spec import BoundsCheck
 
 log = logging.getLogger("fused_embedding")
 
@@ -37,45 +39,6 @@ def device_of(array) -> str:
     return "cpu"
 
 
-_AXES = {1: Axis.SEQUENCE, 2: Axis.EMBEDDING, -1: Axis.EMBEDDING}
-
-
-def normalize_axis(axis) -> Axis:
-    if type(axis) is int and axis in _AXES:  # the common case, before the type checks below
-        return _AXES[axis]
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int (1, 2 or -1), got {type(axis).__name__} {axis!r}")
-    if axis in _AXES:
-        return _AXES[int(axis)]
-    raise ValueError(f"axis must be 1 (mean over the sequence -> (B, D)) or 2 / -1 "
-                     f"(mean over the embedding -> (B, L)), got {axis}")
-
-
-def _check_inputs(table, ids, mask_zero) -> None:
-    if not isinstance(mask_zero, (bool, np.bool_)):
-        raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
-    # A NumPy dtype is looked up as is (the common case); anything else that names one
-    # (a scalar type, a string) goes through np.dtype first.
-    if table.dtype not in TABLE_FORMATS and np.dtype(table.dtype) not in TABLE_FORMATS:
-        raise TypeError(f"table must be float32, float16 or bfloat16, got {np.dtype(table.dtype)}")
-    if table.ndim != 2:
-        raise ValueError(f"table must be 2-D (V, D), got {table.ndim}-D with shape {tuple(table.shape)}")
-    if table.shape[1] < 1:
-        raise ValueError(f"table must have at least one column (D >= 1), got shape {tuple(table.shape)}")
-    if ids.dtype not in ID_DTYPES and np.dtype(ids.dtype) not in ID_DTYPES:
-        ids_dtype = np.dtype(ids.dtype)
-        hint = " (float ids are not truncated as Keras does)" if ids_dtype.kind in "fc" else ""
-        raise TypeError(f"ids must be int32 or int64, got {ids_dtype}{hint}")
-    if ids.ndim != 2:
-        raise ValueError(f"ids must be 2-D (B, L), got {ids.ndim}-D with shape {tuple(ids.shape)}")
-
-
-def check_backend_name(name) -> None:
-    """Raise ValueError unless ``name`` is one of the registered backends' names."""
-    if name not in backends.REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(backends.REGISTRY)}")
-
-
 def choose_backend(requested, table_device: str, ids_device: str) -> str:
     """The backend to run: the requested one (argument, then env var) or the fastest for the device."""
     if table_device == "cpu" and ids_device == "cuda":
@@ -99,7 +62,7 @@ def choose_backend(requested, table_device: str, ids_device: str) -> str:
     raise RuntimeError(f"no backend can run on {table_device} arrays here ({tried})")
 
 
-def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
+def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None, bounds_check="raise"):
     """Fused ``mean(table[ids], axis)``: gather rows and average, without the (B, L, D) intermediate.
 
     Args:
@@ -117,6 +80,12 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
       backend: None (the fastest available for the table's device, or the
         ``FUSED_EMBEDDING_BACKEND`` environment variable), or one of
         ``available_backends()``: "numba-cuda", "cupy", "cpu", "numpy".
+      bounds_check: "raise" (default): a bad id raises from this call, which on a
+        GPU waits for the kernel to read its error flag. "deferred": a GPU call
+        returns as soon as its kernel is queued; a bad id raises IndexError from the
+        first later call once that kernel has finished, or from
+        ``fused_embedding.synchronize()`` (the bad call's result must not be used).
+        Host backends check every call as it runs either way.
 
     Returns:
       (B, D) or (B, L) array of the table's dtype (accumulated in float32), on the
@@ -128,10 +97,12 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None):
         id, its (row, column) and V. No partial result is returned.
       MemoryError: the output would not fit in the device's memory.
     """
-    return _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output=False)
+    return _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output=False,
+                           bounds_check=BoundsCheck.of(bounds_check))
 
 
-def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool):
+def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool,
+                    bounds_check: BoundsCheck = BoundsCheck.RAISE):
     """``embedding_mean``; with ``aligned_output`` a host backend's result of
     ``memory.ALIGNED_OUTPUT_MIN_BYTES`` or more starts on a 64-byte line.
 
@@ -145,7 +116,7 @@ def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool):
         table = np.asarray(table)  # zero-copy for TF eager tensors and CPU torch tensors
     if ids_device == "cpu" and type(ids) is not np.ndarray:
         ids = np.asarray(ids)
-    _check_inputs(table, ids, mask_zero)
+    check_host_inputs(table, ids, mask_zero)
     name = choose_backend(backend, table_device, ids_device)
     module = backends.get(name)
     batch, length = ids.shape
@@ -166,7 +137,15 @@ def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool):
     out = (empty_aligned(shape, table.dtype)
            if aligned_output and out_bytes >= ALIGNED_OUTPUT_MIN_BYTES
            and backends.device_of_backend(name) == "cpu" else None)
+    if bounds_check is BoundsCheck.DEFERRED and backends.device_of_backend(name) == "cuda":
+        return module.embedding_mean(table, ids, axis, bool(mask_zero), out=out, bounds_check=bounds_check)
     return module.embedding_mean(table, ids, axis, bool(mask_zero), out=out)
+
+
+def synchronize() -> None:
+    """Wait for every GPU call made with ``bounds_check="deferred"`` and raise the
+    IndexError of the first bad id any of them met (then forget it). A no-op on the host."""
+    backends.synchronize_deferred()
 
 
 def available_backends() -> list[str]:
