@@ -3,8 +3,8 @@
 ``embedding_mean(table, ids, axis=1)`` computes ``mean(table[ids], axis)``
 without materialising the (B, L, D) intermediate.
 """
-from .api import available_backends, embedding_mean
+from .api import available_backends, embedding_mean, synchronize
 from .semantics import Axis
 
 __version__ = "0.1.0"
-__all__ = ["embedding_mean", "available_backends", "Axis", "__version__"]
+__all__ = ["embedding_mean", "synchronize", "available_backends", "Axis", "__version__"]

@@ -53,8 +53,21 @@ def get(name: str) -> ModuleType:
     return _modules[name]
 
 
+_devices: dict[str, str] = {}
+
+
 def device_of_backend(name: str) -> str:
-    return "cuda" if name in ("numba-cuda", "cupy") else "cpu"
+    """The backend module's ``DEVICE``: "cpu" (host arrays) or "cuda"."""
+    device = _devices.get(name)
+    if device is None:  # a backend module imports only required packages (numba, numpy) at its top
+        device = _devices[name] = importlib.import_module(REGISTRY[name]).DEVICE
+    return device
+
+
+def synchronize_deferred() -> None:
+    """Wait for the GPU calls made with deferred bounds checks; raise the first bad id."""
+    from . import gpu_staging
+    gpu_staging.synchronize()
 
 
 def available_backends() -> list[str]:

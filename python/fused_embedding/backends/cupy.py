@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, Axis, output_shape, table_format
-from . import NO_BAD_POSITION_BYTE, PreparedCall, out_of_range_error
+from ..spec import BoundsCheck
+from . import NO_BAD_POSITION_BYTE, PreparedCall, gpu_staging
 
 DEVICE = "cuda"
 
@@ -86,11 +87,13 @@ def _element_dtype(dtype) -> np.dtype:
     return np.dtype(np.uint16) if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype)
 
 
-def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
+def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE) -> PreparedCall:
     """Device views/copies of the inputs and output, the compiled kernel and its launch shape.
 
     table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 (host or device);
     out: None, or a host/device array of the output's shape and the table's dtype.
+    bounds_check: RAISE reads the error flag in ``finish()``; DEFERRED queues its
+    asynchronous copy (backends/gpu_staging.py).
     """
     import cupy
 
@@ -103,7 +106,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     elements = _element_dtype(dtype)
     fmt = table_format(dtype)
     shape = output_shape(axis, batch, length, dim)
-    if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
+    if gpu_staging.nothing_to_write(axis, batch, length):
         if out is None:
             out = cupy.empty(shape, elements) if table_on_device else np.empty(shape, dtype)
         return PreparedCall(None, lambda: out)
@@ -140,12 +143,14 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     args = (d_table, d_ids, np.int64(batch), np.int64(length), np.int64(vocab),
             np.int64(config.words_per_row), np.int32(bool(mask_zero)), d_out, bad_position)
 
+    def id_at(row, col):  # only on the error path: a device id costs a copy back
+        return int(d_ids[row, col].get()) if ids_on_device else int(ids[row, col])
+
     def finish():
-        first_bad = int(bad_position.get()[0])  # the one value read back; waits for the kernel
-        if first_bad < batch * length:
-            row, col = divmod(first_bad, length)
-            bad_id = int(d_ids[row, col].get()) if ids_on_device else int(ids[row, col])
-            raise out_of_range_error(bad_id, row, col, vocab)
+        if bounds_check is BoundsCheck.DEFERRED:
+            gpu_staging.defer(_pending_check(bad_position, id_at, batch, length, vocab))
+        else:  # the one value read back; waits for the kernel
+            gpu_staging.raise_if_bad(int(bad_position.get()[0]), batch, length, vocab, id_at)
         if host_out is not None:
             d_out.get(out=host_out.view(elements))
             return host_out
@@ -154,14 +159,36 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     return PreparedCall(lambda: kernel(config.grid, (config.block,), args), finish)
 
 
-def embedding_mean(table, ids, axis, mask_zero, out=None):
+def _new_host_slot():
+    import cupyx
+    return cupyx.empty_pinned(1, dtype=np.int64)  # an asynchronous copy needs page-locked memory
+
+
+_host_slots = gpu_staging.HostSlots(_new_host_slot)
+
+
+def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingCheck:
+    """The error flag's copy to a pinned host slot, queued after the kernel on the current
+    stream, with an event after it: nothing waits here."""
+    import cupy
+    slot = _host_slots.take()
+    stream = cupy.cuda.get_current_stream()
+    flag.get(stream=stream, out=slot, blocking=False)
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
+    return gpu_staging.PendingCheck(slot, lambda: event.done, event.synchronize, id_at, batch, length,
+                                    vocab, release=lambda: _host_slots.give_back(slot))
+
+
+def embedding_mean(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE):
     """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
 
     A CuPy array on the table's device when the table is on a GPU (bfloat16 results
     as uint16 bits: CuPy has no bfloat16), NumPy when it is on the host. ``out``:
     an optional output (host or device) of the table's dtype, written in place.
     """
-    call = prepare(table, ids, axis, mask_zero, out)
+    gpu_staging.raise_finished()
+    call = prepare(table, ids, axis, mask_zero, out, bounds_check)
     call.launch()
     return call.finish()
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import launch
 from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
-from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, out_of_range_error
+from ..spec import BoundsCheck
+from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, gpu_staging
 
 DEVICE = "cuda"
 
@@ -217,13 +218,15 @@ def _direct_launch(dispatcher, config, arguments):
     return run
 
 
-def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
+def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE) -> PreparedCall:
     """Device views/copies of the inputs and output, the kernel and its launch shape.
 
     table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 (host or device);
     out: None, or a host/device array of the output's shape and the table's dtype.
     On a GPU the arguments are DeviceBuffers launched directly; under the CUDA
     simulator (host inputs only) they are Numba's arrays, launched by its dispatcher.
+    bounds_check: RAISE reads the error flag in ``finish()``; DEFERRED queues its
+    asynchronous copy (backends/gpu_staging.py).
     """
     from numba import cuda
 
@@ -236,7 +239,7 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     fmt = table_format(dtype)
     shape = output_shape(axis, batch, length, dim)
     elements = element_dtype(dtype)
-    if batch == 0 or (axis is Axis.EMBEDDING and length == 0):  # nothing to write: no zero-size grid
+    if gpu_staging.nothing_to_write(axis, batch, length):
         if out is None:
             out = np.empty(shape, dtype) if not table_on_device else \
                 _device_result(_device_empty(shape, elements), dtype, table)
@@ -278,12 +281,14 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     else:
         kernel = kernels.make_gather_mean_embedding(fmt, word.str, config.lanes)
 
+    def id_at(row, col):  # only on the error path: a device id costs a copy back
+        return _to_host(d_ids)[row, col] if ids_on_device else ids[row, col]
+
     def finish():
-        first_bad = int(_to_host(bad_position)[0])  # the one value read back; waits for the kernel
-        if first_bad < batch * length:
-            row, col = divmod(first_bad, length)
-            bad_id = _to_host(d_ids)[row, col] if ids_on_device else ids[row, col]
-            raise out_of_range_error(int(bad_id), row, col, vocab)
+        if bounds_check is BoundsCheck.DEFERRED:
+            gpu_staging.defer(_pending_check(bad_position, id_at, batch, length, vocab))
+        else:  # the one value read back; waits for the kernel
+            gpu_staging.raise_if_bad(int(_to_host(bad_position)[0]), batch, length, vocab, id_at)
         if host_out is not None:
             host_out.view(elements)[...] = _to_host(d_out)
             return host_out
@@ -295,13 +300,15 @@ def prepare(table, ids, axis, mask_zero, out=None) -> PreparedCall:
     return PreparedCall(_direct_launch(kernel, config, args), finish)
 
 
-def embedding_mean(table, ids, axis, mask_zero, out=None):
+def embedding_mean(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE):
     """table [V][D] float32/float16/bfloat16, ids [B][L] int32/int64 -> out [B][D] or [B][L].
 
     On the device when the table is; NumPy when it is on the host. ``out``: an
     optional output (host or device) of the table's dtype, written in place.
+    First raises the bad id of any earlier deferred call that has finished.
     """
-    call = prepare(table, ids, axis, mask_zero, out)
+    gpu_staging.raise_finished()
+    call = prepare(table, ids, axis, mask_zero, out, bounds_check)
     call.launch()
     return call.finish()
 
@@ -353,6 +360,40 @@ def _error_flag():
     flag = cupy.empty(1, dtype=np.int64)
     flag.data.memset_async(NO_BAD_POSITION_BYTE, 8)
     return DeviceBuffer.of(flag)
+
+
+def _new_host_slot():
+    from numba import cuda
+    return cuda.pinned_array(1, dtype=np.int64)  # an asynchronous copy needs page-locked memory
+
+
+_host_slots = gpu_staging.HostSlots(_new_host_slot)
+
+
+def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingCheck:
+    """The error flag's copy to a pinned host slot, queued after the kernel on the same
+    (legacy default) stream, with an event after it: nothing waits here."""
+    from numba import cuda
+    slot = _host_slots.take()
+    owner = flag.owner if isinstance(flag, DeviceBuffer) else flag
+    if hasattr(owner, "get") and not hasattr(owner, "copy_to_host"):  # CuPy's pool
+        import cupy
+        stream = cupy.cuda.Stream.null
+        owner.get(stream=stream, out=slot, blocking=False)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        done = lambda: event.done  # noqa: E731
+    else:
+        stream = cuda.default_stream()
+        owner.copy_to_host(slot, stream=stream)
+        from ..kernels.cuda import SIMULATED
+        # The simulator runs everything synchronously; its events take no arguments and
+        # have no query().
+        event = cuda.event() if SIMULATED else cuda.event(timing=False)
+        event.record(stream)
+        done = (lambda: True) if SIMULATED else event.query
+    return gpu_staging.PendingCheck(slot, done, event.synchronize, id_at, batch, length, vocab,
+                                    release=lambda: _host_slots.give_back(slot))
 
 
 def _to_host(array) -> np.ndarray:
