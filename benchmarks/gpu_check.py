@@ -9,8 +9,10 @@
    before each launch, against the float64 reference with the per-dtype
    tolerances (fused_embedding.validation): both axes, masks, float32/float16/
    bfloat16, int32/int64 ids, odd shapes, empty batches, device inputs, and the
-   out-of-range error. One PASS/FAIL line per case.
-3. Times each backend (the kernel alone, and the whole call) against
+   out-of-range error, raised at once and deferred (bounds_check="deferred",
+   raised by synchronize()). One PASS/FAIL line per case.
+3. Times each backend (the kernel alone, and the whole call with the bounds
+   check raised at once and deferred) against
    torch.nn.functional.embedding_bag(mode="mean"), the unfused gather+mean in
    CuPy and in PyTorch, and a device-to-device copy, all in this run, with CUDA
    events (warm-up, median of many, id sets rotated so the rows touched exceed
@@ -421,8 +423,41 @@ def run_validation(report, names, simulate):
                     report.case(name, label, str(exc) == expected, "" if str(exc) == expected else f"message: {exc}")
                 except Exception as exc:
                     report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+        check_deferred_bounds(report, name, rng)
         if not simulate:
             run_device_validation(report, name, module, rng)
+
+
+def check_deferred_bounds(report, name, rng):
+    """bounds_check="deferred": the bad call returns; synchronize() raises its bad id, once;
+    a good deferred call's result matches the reference."""
+    import numpy as np
+
+    import fused_embedding as fe
+    from fused_embedding.validation import random_inputs
+    label = "bounds: deferred, raised at synchronize()"
+    table, ids = random_inputs(rng, 50, 4, 6, 7, id_dtype=np.int64)
+    ids[4, 5] = 50
+    try:
+        fe.embedding_mean(table, ids, backend=name, bounds_check="deferred")
+        try:
+            fe.synchronize()
+            report.case(name, label, False, "synchronize() raised nothing")
+        except IndexError as exc:
+            ok = str(exc).startswith("id 50 at ids[4, 5] is out of range for a table of 50 rows")
+            fe.synchronize()  # read once: nothing left to raise
+            report.case(name, label, ok, "" if ok else f"message: {exc}")
+    except Exception as exc:
+        report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+    label = "deferred: good call matches the reference"
+    try:
+        table, ids = random_inputs(rng, 300, 128, 9, 7)
+        result = fe.embedding_mean(table, ids, backend=name, bounds_check="deferred")
+        fe.synchronize()
+        problem = check_result(result, table, ids, 1, False, np.float32)
+        report.case(name, label, problem is None, problem or "")
+    except Exception as exc:
+        report.case(name, label, False, f"{type(exc).__name__}: {exc}")
 
 
 def to_host(array):
@@ -735,6 +770,13 @@ def time_config(report, timer, config, copy_gbs, torch, cupy, cuda, deadline):
             report.say(f"{label:<18} {name + ' kernel':<34} FAILED: {type(exc).__name__}: {exc}")
         record(f"{name} op (embedding_mean)",
                lambda i: fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend=name))
+        record(f"{name} op, deferred bounds check",
+               lambda i: fe.embedding_mean(table, id_sets[i % ID_SETS], axis=axis, backend=name,
+                                           bounds_check="deferred"))
+        try:
+            fe.synchronize()  # the timed ids are all in range: nothing to raise
+        except IndexError as exc:
+            report.say(f"{label:<18} {name + ' op, deferred':<34} FAILED: {exc}")
         if name == "numba-cuda" and config == MAIN:
             with numba_launch_by_dispatcher() as changed:
                 if changed:
@@ -855,6 +897,7 @@ def evaluate_targets(report, copy_gbs):
     main = MAIN[0]
     ours = "numba-cuda kernel"
     ours_op = "numba-cuda op (embedding_mean)"
+    ours_deferred = "numba-cuda op, deferred bounds check"
     checks = []
 
     def check(what, value, goal, higher_is_better=True, unit="x"):
@@ -873,7 +916,7 @@ def evaluate_targets(report, copy_gbs):
         return a / b if a is not None and b is not None else None
 
     report.say(f"\n== targets ({main}, V={V_TIMED:,}; kernel = the launch alone, op = the whole call)")
-    for provider in (ours, ours_op):
+    for provider in (ours, ours_op, ours_deferred):
         check(f"{provider} at >= 80% of copy bandwidth", pct(main, provider), TARGETS["copy"], unit="%")
         check(f"{provider} vs torch embedding_bag", ratio(ms(main, "torch embedding_bag(mean)"), ms(main, provider)),
               TARGETS["torch"])
