@@ -9,9 +9,13 @@ TF's headers, into ``cache_dir()``: ``$FUSED_EMBEDDING_CACHE_DIR``, else
 writable) a folder in the temporary directory. The file is named by a hash of the
 source, TF's version and the build command (the compiler's path among it), so a new
 TF, a changed source or another compiler builds anew; a compiler upgraded in place
-at the same path does not (delete the file to rebuild). Where that can't be done (no
-compiler, no TF headers, a Numba threading layer that isn't thread-safe) the op
-keeps its Python body; ``unavailable_reason()`` says why. Setting
+at the same path does not (delete the file to rebuild). Beside it, ``<name>.sha256``
+holds its digest, written once the library is in place and checked before every load:
+a library that doesn't match it, or has none (a truncated or damaged file, which
+``tf.load_op_library`` would crash on with SIGBUS or SIGSEGV), is built anew. A build
+is announced once, as a warning on the ``fused_embedding`` logger. Where that can't be
+done (no compiler, no TF headers, a Numba threading layer that isn't thread-safe) the
+op keeps its Python body; ``unavailable_reason()`` says why. Setting
 ``FUSED_EMBEDDING_COMPILED_TF_OP=0`` turns it off.
 """
 from __future__ import annotations
@@ -26,8 +30,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
+from . import memory
 from .semantics import TABLE_FORMATS
 
 log = logging.getLogger("fused_embedding")
@@ -36,6 +42,7 @@ SOURCE = Path(__file__).with_name("tf_host_op.cc")
 ENABLE_ENV_VAR = "FUSED_EMBEDDING_COMPILED_TF_OP"
 CACHE_ENV_VAR = "FUSED_EMBEDDING_CACHE_DIR"
 BUILD_TIMEOUT_S = 600
+BUILD_COMMAND = "fused-embedding build"  # builds the library ahead of first use
 
 _lock = threading.Lock()
 _module = None         # the loaded op library (tf.load_op_library's module)
@@ -77,39 +84,120 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / f"tf_host_op-{key.hexdigest()[:16]}.so"
 
 
+def digest_path(path: Path) -> Path:
+    """The file beside the library ``path`` that holds its SHA-256 (``sha256sum`` format)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def why_rebuild(path: Path) -> str | None:
+    """None when the cached library at ``path`` can be loaded (it matches the digest
+    beside it), else why it has to be built."""
+    if not path.exists():
+        return "none is cached yet"
+    try:
+        recorded = digest_path(path).read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return (f"{path.name} has no readable digest beside it ({digest_path(path).name}), "
+                "so it may be half-copied or damaged")
+    actual = _file_digest(path)
+    if actual != recorded:
+        return (f"{path.name} does not match its digest ({actual[:12]}... against {recorded[:12]}... "
+                f"in {digest_path(path).name}): a damaged file")
+    return None
+
+
+def _private_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+
+
 def _build(compiler: str, path: Path) -> None:
-    """Compile into a private file, then rename it into place: processes building at
-    once each write their own file, and a reader never sees half a library."""
+    """Compile into a private file, rename it into place, then write its digest beside
+    it (through a private file and a rename too): processes building at once each
+    write their own files, and a reader never sees half a library or half a digest.
+    Two processes that build at once may leave one's library beside the other's
+    digest; they match when the compiler's output is deterministic, and otherwise the
+    next process to load it builds it once more."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    log.info("building the TF op's compiled kernel: %s", path)
+    partial, partial_digest = _private_name(path), _private_name(digest_path(path))
     try:
         done = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        partial_digest.write_text(f"{_file_digest(partial)}  {path.name}\n")
         os.replace(partial, path)
+        os.replace(partial_digest, digest_path(path))
     finally:
         partial.unlink(missing_ok=True)
+        partial_digest.unlink(missing_ok=True)
+
+
+def ensure_library(compiler: str) -> Path:
+    """The verified library for ``compiler``: the cached one if it matches its digest,
+    else built now (announced once, as a warning, with the reason). Raises what
+    ``_build`` raises where it can't be built."""
+    path = library_path(compiler)
+    reason = why_rebuild(path)
+    if reason is not None:
+        log.warning("fused_embedding: building the TF op's compiled kernel into %s (about 10 s, "
+                    "once; `%s` builds it ahead of time): %s", path, BUILD_COMMAND, reason)
+        _build(compiler, path)
+    return path
+
+
+_OUTPUT_CHECK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_int64)
+
+
+def _output_too_large(rows: int, cols: int, dtype: int, message: int, capacity: int) -> int:
+    """The compiled kernel's memory check, before it allocates a (rows, cols) output of
+    TF DataType ``dtype``: 0 when it fits the cpu backend's bound (the one the core op
+    checks), else the length of the core op's MemoryError message, written
+    NUL-terminated at address ``message`` (``capacity`` bytes)."""
+    try:
+        from .backends import cpu
+        np_dtype = np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
+        out_bytes = rows * cols * np_dtype.itemsize
+        limit = cpu.memory_limit_bytes()
+        if out_bytes <= limit:
+            return 0
+        text = str(memory.output_too_large_error((rows, cols), np_dtype, out_bytes, limit, "cpu"))
+        encoded = text.encode()[:capacity - 1]
+        ctypes.memmove(message, encoded + b"\0", len(encoded) + 1)
+        return max(len(encoded), 1)
+    except Exception:  # an exception can't cross into C++: the output is then not checked
+        log.exception("fused_embedding: the compiled kernel's memory check failed")
+        return 0
+
+
+_output_check = _OUTPUT_CHECK(_output_too_large)  # kept alive: the library holds its address
 
 
 def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> None:
     """Hand the library the launcher (the cpu backend's, unless a test gives another
-    C function of the same signature), Numba's team size and the bad-id message."""
+    C function of the same signature), Numba's team size, the bad-id message and the
+    memory check for outputs of ``api.MEMORY_CHECK_MIN_BYTES`` or more."""
     import numba
 
+    from .api import MEMORY_CHECK_MIN_BYTES
     from .backends import OUT_OF_RANGE_MESSAGE, cpu_cfunc
     dtypes = [tf.as_dtype(dtype).as_datatype_enum for dtype in TABLE_FORMATS]
     formats = list(TABLE_FORMATS.values())
     configure = library.fused_embedding_configure
     configure.restype = ctypes.c_int
     configure.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int,
-                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
+                          _OUTPUT_CHECK, ctypes.c_int64]
     if launcher_address is None:
         launcher_address = cpu_cfunc.launch_sequence_mean.address
     status = configure(launcher_address, numba.config.NUMBA_NUM_THREADS,
                        OUT_OF_RANGE_MESSAGE.encode(), len(dtypes),
-                       (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats))
+                       (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats),
+                       _output_check, MEMORY_CHECK_MIN_BYTES)
     if status != 0:
         raise RuntimeError(f"the library refused the table dtypes' TF enum values {dtypes}: it "
                            "takes values from 0 to 31 (kDataTypes in tf_host_op.cc)")
@@ -127,9 +215,7 @@ def _load():
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    path = library_path(compiler)
-    if not path.exists():
-        _build(compiler, path)
+    path = ensure_library(compiler)
     module = tf.load_op_library(str(path))
     library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
     _configure(library)

@@ -6,8 +6,12 @@
 // TF's buffers, into an output TF allocated. It does no arithmetic itself: Python
 // registers the cpu backend's launcher (a Numba C callback over the same kernels the
 // core op runs, backends/cpu_cfunc.py) when it loads this library, and the kernel
-// calls it. Built by fused_embedding/tf_compiled.py on first use against the installed
-// TF's headers.
+// calls it. An output of 64 MiB or more is first checked against the host's memory
+// (cgroup limits included) by a Python callback registered the same way, so the bound
+// is defined once (memory.py) for the core op and this kernel; that call takes the
+// GIL, which TF's executor does not hold (its py_function ops need it too), and costs
+// well under the time such an output takes to write. Built by
+// fused_embedding/tf_compiled.py on first use against the installed TF's headers.
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -34,9 +38,18 @@ typedef int64_t (*Launcher)(const void* table, int64_t vocab, int64_t dim, int64
                             const void* ids, int64_t id_bytes, int64_t batch, int64_t length,
                             int64_t mask_zero, int64_t team_size, int64_t serial_only, void* out);
 
+// tf_compiled.py: _output_too_large. Whether a (rows, cols) output of that DataType
+// fits in the host's memory: 0 when it does, else the length of the MemoryError
+// message written into message (capacity bytes, NUL-terminated).
+typedef int64_t (*OutputCheck)(int64_t rows, int64_t cols, int64_t dtype, char* message,
+                               int64_t capacity);
+
 constexpr int kDataTypes = 32;  // above every DataType enum value a table can have
+constexpr int64_t kMessageCapacity = 512;
 
 std::atomic<Launcher> g_launcher{nullptr};
+std::atomic<OutputCheck> g_output_check{nullptr};
+std::atomic<int64_t> g_check_min_bytes{INT64_MAX};  // outputs this large or more are checked
 std::atomic<int64_t> g_team_size{1};
 std::atomic<int64_t> g_serial_only{0};
 std::atomic<int> g_formats[kDataTypes];  // DataType -> the kernels' format code, -1 if none
@@ -97,6 +110,20 @@ class FusedEmbeddingMeanOp : public OpKernel {
     OP_REQUIRES(context, dim >= 1,
                 absl::InvalidArgumentError("table must have at least one column (D >= 1), got shape " +
                                            table.shape().DebugString()));
+    // Before allocating: past a container's memory limit the allocation succeeds and the
+    // OOM killer ends the process while the kernel writes it; past the host's, TF fails
+    // with a message that doesn't say which op or why.
+    int64_t out_bytes = 0;
+    if (__builtin_mul_overflow(batch, dim, &out_bytes) ||
+        __builtin_mul_overflow(out_bytes, int64_t{tensorflow::DataTypeSize(table.dtype())}, &out_bytes)) {
+      out_bytes = INT64_MAX;
+    }
+    const OutputCheck check = g_output_check.load();
+    if (check != nullptr && out_bytes >= g_check_min_bytes.load()) {
+      char message[kMessageCapacity] = {0};
+      OP_REQUIRES(context, check(batch, dim, table.dtype(), message, kMessageCapacity) == 0,
+                  absl::ResourceExhaustedError(message));
+    }
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, dim}), &out));
     if (out->NumElements() == 0) return;
@@ -148,9 +175,11 @@ REGISTER_KERNEL_BUILDER(Name("FusedEmbeddingMean").Device(tensorflow::DEVICE_CPU
 extern "C" {
 
 // Called once by tf_compiled.py after loading this library, before any op is built.
-// formats: count pairs (DataType enum, the kernels' format code).
+// formats: count pairs (DataType enum, the kernels' format code). output_check is
+// asked about every output of check_min_bytes bytes or more.
 int fused_embedding_configure(void* launcher, int64_t team_size, const char* bad_id_message,
-                              int count, const int* dtypes, const int* formats) {
+                              int count, const int* dtypes, const int* formats,
+                              void* output_check, int64_t check_min_bytes) {
   for (int i = 0; i < kDataTypes; ++i) g_formats[i].store(-1);
   for (int i = 0; i < count; ++i) {
     if (dtypes[i] < 0 || dtypes[i] >= kDataTypes) return -1;
@@ -161,6 +190,8 @@ int fused_embedding_configure(void* launcher, int64_t team_size, const char* bad
     g_bad_id_message = bad_id_message;
   }
   g_team_size.store(team_size);
+  g_check_min_bytes.store(check_min_bytes);
+  g_output_check.store(reinterpret_cast<OutputCheck>(output_check));
   g_launcher.store(reinterpret_cast<Launcher>(launcher));
   return 0;
 }
