@@ -40,14 +40,12 @@ import numpy as np
 from numba import cuda, float32, int64
 from numba.core import config
 
+from ..launch import GPU_BLOCK_THREADS as BLOCK_THREADS  # compiled into the kernels' shared arrays
 from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
 
-
+# Device code needs its own answer (which twins to compile); host code asks
+# backends.cuda_simulated(), which reads the same setting.
 SIMULATED = bool(config.ENABLE_CUDASIM)
-
-# Threads per block for both kernels: 8 warps, enough to keep a block's worth of
-# loads in flight without limiting occupancy through registers.
-BLOCK_THREADS = 256
 # Ids staged in shared memory per bag per step: up to 32 (one coalesced read),
 # fewer for narrow groups so a block's stage stays at 8 KiB of int64 ids.
 MAX_IDS_PER_STAGE = 32

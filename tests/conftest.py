@@ -53,7 +53,6 @@ def numba_cuda_device_skip_reason(why_not_simulated: str):
     reason = backends.unavailable_reason("numba-cuda")
     if reason is not None:
         return f"backend 'numba-cuda' unavailable: {reason}"
-    from numba.core import config
-    if config.ENABLE_CUDASIM:
+    if backends.cuda_simulated():
         return why_not_simulated
     return None

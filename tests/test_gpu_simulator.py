@@ -31,9 +31,7 @@ def skip_reason(name):
     return f"backend {name!r} unavailable: {reason}" if reason else None
 
 
-def simulated():
-    from numba.core import config
-    return bool(config.ENABLE_CUDASIM)
+simulated = backends.cuda_simulated
 
 
 requires_numba_cuda = pytest.mark.skipif(skip_reason("numba-cuda") is not None,

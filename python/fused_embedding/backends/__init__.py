@@ -10,6 +10,7 @@ Backends trust the core's validation and do no argument checking of their own.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from types import ModuleType
@@ -68,6 +69,13 @@ def synchronize_deferred() -> None:
     """Wait for the GPU calls made with deferred bounds checks; raise the first bad id."""
     from . import gpu_staging
     gpu_staging.synchronize()
+
+
+@functools.lru_cache(maxsize=None)  # fixed once numba is imported; asked on every GPU call
+def cuda_simulated() -> bool:
+    """True when Numba's CUDA target is its simulator (``NUMBA_ENABLE_CUDASIM=1`` before numba's import)."""
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
 
 
 def available_backends() -> list[str]:

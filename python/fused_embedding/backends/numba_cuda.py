@@ -20,7 +20,7 @@ import numpy as np
 from .. import launch
 from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
 from ..spec import BoundsCheck
-from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, gpu_staging
+from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, cuda_simulated, gpu_staging
 
 DEVICE = "cuda"
 
@@ -31,11 +31,6 @@ MAX_WORD_BYTES = {FORMAT_FLOAT32: 8, FORMAT_FLOAT16: 8, FORMAT_BFLOAT16: 8}
 MIN_COMPUTE_CAPABILITY = (7, 5)
 
 
-def _simulated() -> bool:
-    from numba.core import config
-    return bool(config.ENABLE_CUDASIM)
-
-
 def unavailable_reason() -> str | None:
     from .. import kernels  # noqa: F401  (its NumPy 2.5 shim must precede numba-cuda's first compile)
     try:
@@ -43,7 +38,7 @@ def unavailable_reason() -> str | None:
         from numba import cuda
     except ImportError as exc:
         return f"numba-cuda is not installed ({exc}); pip install numba-cuda"
-    if _simulated():
+    if cuda_simulated():
         return None
     if not cuda.is_available():
         return "no usable CUDA GPU or driver (numba.cuda.is_available() is False)"
@@ -55,7 +50,7 @@ def unavailable_reason() -> str | None:
 
 
 def memory_limit_bytes() -> int:
-    if _simulated():
+    if cuda_simulated():
         from .numpy import host_memory_available
         return host_memory_available()
     from numba import cuda
@@ -195,7 +190,7 @@ def _direct_launch(dispatcher, config, arguments):
     """A callable that launches ``dispatcher``'s kernel on Numba's default stream
     (the legacy stream, as ``kernel[grid, block](...)`` does), with the arguments
     flattened here. The kernel is compiled once per distinct set of argument types."""
-    from cuda.core import launch
+    from cuda.core import launch as cuda_launch  # not to be confused with our launch heuristics
     key = (dispatcher, tuple(_type_key(a) for a in arguments))
     kernel = _compiled.get(key)
     if kernel is None:
@@ -211,7 +206,7 @@ def _direct_launch(dispatcher, config, arguments):
 
     def run():
         # get_cufunc() also makes Numba's context current on the calling thread.
-        launch(stream, launch_config, kernel.library.get_cufunc().kernel, *flat)
+        cuda_launch(stream, launch_config, kernel.library.get_cufunc().kernel, *flat)
     # ``flat`` holds bare addresses: the buffers must live as long as the call can run,
     # or memory only they own (a host table's device copy) is freed under the kernel.
     run.arguments = arguments
@@ -295,7 +290,7 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
         return out if out is not None else _device_result(d_out, dtype, table)
 
     args = (d_words, d_ids, bool(mask_zero), d_out, bad_position)
-    if kernels.SIMULATED or not DIRECT_LAUNCH:
+    if cuda_simulated() or not DIRECT_LAUNCH:
         return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
     return PreparedCall(_direct_launch(kernel, config, args), finish)
 
@@ -320,8 +315,7 @@ def _pooled_cupy():
     device: measured on an H200, the whole call took 1.43 ms around a 0.29 ms
     kernel (benchmarks/NOTES.md, GPU run 2). A pooled block is reused without either.
     """
-    from ..kernels.cuda import SIMULATED
-    if SIMULATED:
+    if cuda_simulated():
         return None
     try:
         import cupy
@@ -333,8 +327,7 @@ def _pooled_cupy():
 def _as_argument(array):
     """A Numba device array as the launch takes it: itself under the simulator (Numba's
     dispatcher launches there), a DeviceBuffer on a GPU."""
-    from ..kernels.cuda import SIMULATED
-    return array if SIMULATED else DeviceBuffer.of(array)
+    return array if cuda_simulated() else DeviceBuffer.of(array)
 
 
 def _device_empty(shape, dtype):
@@ -386,12 +379,12 @@ def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingChec
     else:
         stream = cuda.default_stream()
         owner.copy_to_host(slot, stream=stream)
-        from ..kernels.cuda import SIMULATED
+        simulated = cuda_simulated()
         # The simulator runs everything synchronously; its events take no arguments and
         # have no query().
-        event = cuda.event() if SIMULATED else cuda.event(timing=False)
+        event = cuda.event() if simulated else cuda.event(timing=False)
         event.record(stream)
-        done = (lambda: True) if SIMULATED else event.query
+        done = (lambda: True) if simulated else event.query
     return gpu_staging.PendingCheck(slot, done, event.synchronize, id_at, batch, length, vocab,
                                     release=lambda: _host_slots.give_back(slot))
 
