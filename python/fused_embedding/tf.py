@@ -25,6 +25,7 @@ message naming the fix.
 from __future__ import annotations
 
 import contextlib
+import string
 import sys
 import threading
 
@@ -32,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import api, tf_compiled
+from .backends import OUT_OF_RANGE_MESSAGE
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
@@ -277,22 +279,36 @@ def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
     return tf.bitcast(result, tf.bfloat16) if is_bfloat16 else result
 
 
+def _native_bounds_check(table, ids):
+    """An op that fails, as the kernels do, on the first id outside [0, V) in row order, with
+    the message every form of the op gives (id, its (row, column), V); TF's own assertions
+    would print the whole ids tensor instead. The message is formatted only on failure."""
+    vocab = tf.shape(table, out_type=ids.dtype)[0]
+    bad = tf.reshape(tf.logical_or(ids < 0, ids >= vocab), [-1])          # [B*L]
+
+    def fail():
+        first = tf.argmax(tf.cast(bad, tf.int32), output_type=ids.dtype)   # the first True
+        length = tf.shape(ids, out_type=ids.dtype)[1]
+        values = {"id": tf.reshape(ids, [-1])[first], "row": first // length, "col": first % length,
+                  "vocab": vocab}
+        fields = [name for _, name, _, _ in string.Formatter().parse(OUT_OF_RANGE_MESSAGE) if name]
+        template = OUT_OF_RANGE_MESSAGE
+        for name in set(fields):
+            template = template.replace("{" + name + "}", "{}")
+        message = tf.strings.format(template, [values[name] for name in fields])
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            return tf.constant(False)
+
+    return tf.cond(tf.reduce_any(bad), fail, lambda: tf.constant(True))
+
+
 def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
     """The same op in native TF ops (for export): gather, then a float32 masked mean.
 
     Writes the (B, L, D) intermediate (this is the slow path); same semantics as
     the kernels: bounds checked on every device, zeros for empty bags.
     """
-    vocab = tf.shape(table, out_type=ids.dtype)[0]
-    # TF's assertions append the offending values (and V) to these messages.
-    checks = [
-        tf.debugging.assert_non_negative(
-            ids, message="fused_embedding: ids must be >= 0 (expected 0 <= id < V); ids with a negative id:"),
-        tf.debugging.assert_less(
-            ids, vocab, message="fused_embedding: ids must be < V, the table's rows (expected 0 <= id < V); "
-                                "ids and V:"),
-    ]
-    with tf.control_dependencies(checks):
+    with tf.control_dependencies([_native_bounds_check(table, ids)]):
         rows = tf.cast(tf.gather(table, ids), tf.float32)                 # [B][L][D]
     if axis is Axis.SEQUENCE:
         if not mask_zero:
