@@ -32,13 +32,13 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from . import api, tf_compiled
+from . import api, checks, tf_compiled
 from .backends import OUT_OF_RANGE_MESSAGE
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
-TABLE_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
-ID_DTYPES = (tf.int32, tf.int64)
+TABLE_DTYPES = tuple(tf.as_dtype(name) for name in checks.TABLE_DTYPE_NAMES)  # float32, float16, bfloat16
+ID_DTYPES = tuple(tf.as_dtype(name) for name in checks.ID_DTYPE_NAMES)
 
 # TF's CPU kernels CHECK that a tensor's data starts on a multiple of this many bytes
 # (Eigen's widest alignment) and abort the process when it does not.
@@ -131,20 +131,14 @@ def export_guard() -> _ExportGuard:
 
 
 def _check_symbolic(table: tf.Tensor, ids: tf.Tensor, mask_zero) -> None:
-    """Graph-construction-time checks of what the symbolic tensors already tell."""
-    if not isinstance(mask_zero, (bool, np.bool_)):
-        raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
+    """Graph-construction-time checks of what the symbolic tensors already tell (checks.py's)."""
+    checks.check_mask_zero(mask_zero)
     if table.dtype not in TABLE_DTYPES:
-        raise TypeError(f"table must be float32, float16 or bfloat16, got {table.dtype.name}")
+        raise checks.table_dtype_error(table.dtype.name)
     if ids.dtype not in ID_DTYPES:
-        hint = " (float ids are not truncated as Keras does)" if ids.dtype.is_floating else ""
-        raise TypeError(f"ids must be int32 or int64, got {ids.dtype.name}{hint}")
-    if table.shape.rank is not None and table.shape.rank != 2:
-        raise ValueError(f"table must be 2-D (V, D), got shape {table.shape}")
-    if table.shape.rank == 2 and table.shape[1] == 0:
-        raise ValueError(f"table must have at least one column (D >= 1), got shape {table.shape}")
-    if ids.shape.rank is not None and ids.shape.rank != 2:
-        raise ValueError(f"ids must be 2-D (B, L), got shape {ids.shape}")
+        raise checks.ids_dtype_error(ids.dtype.name, ids.dtype.is_floating)
+    checks.check_table_shape(None if table.shape.rank is None else table.shape.as_list())
+    checks.check_ids_shape(None if ids.shape.rank is None else ids.shape.as_list())
 
 
 def _static_output_shape(axis: Axis, table: tf.Tensor, ids: tf.Tensor) -> tf.TensorShape:
