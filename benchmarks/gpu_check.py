@@ -277,30 +277,12 @@ def environment(report, simulate, notes):
 
 # --- validation ------------------------------------------------------------------------
 def validation_cases(simulate):
-    """(label, dtype name, id dtype, (V, D, B, L), axis, mask_zero)."""
-    import numpy as np
-    cases = []
-    shapes = [(50, 1, 3, 5), (40, 3, 2, 9), (30, 16, 3, 4), (20, 33, 1, 1), (300, 129, 2, 3)] if simulate else \
-        [(1000, 128, 257, 33), (50, 1, 64, 5), (400, 3, 33, 9), (1000, 16, 100, 40), (300, 129, 7, 3),
-         (5000, 512, 65, 17), (100, 8, 1, 1)]
-    dtypes = ["float32", "float16", "bfloat16"]
-    id_dtypes = [np.int32, np.int64]
-    # Every 5th combination of the 24 (dtype x id dtype x axis x mask), counted on
-    # across shapes: 5 is coprime to 24, so each shape gets a different slice and
-    # five shapes cover every combination once.
-    keep_one_in = 5
-    grid = [(dtype, id_dtype, axis, mask) for dtype in dtypes for id_dtype in id_dtypes
-            for axis in (1, 2) for mask in (False, True)]
-    i = 0
-    for shape in shapes:
-        for dtype, id_dtype, axis, mask in grid:
-            i += 1
-            if i % keep_one_in:
-                continue
-            label = (f"{dtype} {np.dtype(id_dtype).name} V={shape[0]} D={shape[1]} B={shape[2]} "
-                     f"L={shape[3]} axis={axis}{' mask' if mask else ''}")
-            cases.append((label, dtype, id_dtype, shape, axis, mask))
-    return cases
+    """The conformance matrix (fused_embedding.conformance) on this run's shapes: every 5th
+    of the 24 dtype x id dtype x axis x mask combinations per shape, so five shapes
+    cover every combination once."""
+    from fused_embedding import conformance
+    shapes = conformance.SIMULATOR_SHAPES[:5] if simulate else conformance.GPU_SHAPES
+    return conformance.cases(shapes, keep_one_in=5)
 
 
 def numpy_dtype(name):
@@ -377,25 +359,21 @@ def run_validation(report, names, simulate):
         if name == "numba-cuda" and not simulate:
             check_direct_launch(report)
         deadline = time.monotonic() + VALIDATION_BUDGET_S_PER_BACKEND
-        for label, dtype_name, id_dtype, shape, axis, mask in validation_cases(simulate):
+        for case in validation_cases(simulate):
             if time.monotonic() > deadline:
                 report.case(name, "remaining cases", None, "validation time budget spent")
                 break
-            if dtype_name == "bfloat16" and not bfloat16_available():
-                report.case(name, label, None, "ml_dtypes missing")
+            if case.table_dtype.name == "bfloat16" and not bfloat16_available():
+                report.case(name, case.label, None, "ml_dtypes missing")
                 continue
             try:
-                dtype = numpy_dtype(dtype_name)
-                table, ids = random_inputs(rng, *shape, dtype, id_dtype, padding_fraction=0.3 if mask else 0.0)
-                if mask:
-                    ids[0, 0] = 0
-                    table[0, :] = np.nan  # the padding row must never be read
-                out = poisoned(output_shape(Axis(axis), shape[2], shape[3], shape[1]), dtype)
-                result = module.embedding_mean(table, ids, Axis(axis), mask, out=out)
-                problem = check_result(result, table, ids, axis, mask, dtype)
-                report.case(name, label, problem is None, problem or "")
+                table, ids = case.inputs(rng)
+                out = case.poisoned_output()
+                result = module.embedding_mean(table, ids, case.axis, case.mask_zero, out=out)
+                problem = case.check(result, table, ids)
+                report.case(name, case.label, problem is None, problem or "")
             except Exception as exc:
-                report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+                report.case(name, case.label, False, f"{type(exc).__name__}: {exc}")
         # Edge cases through the public op.
         edge = [("B=0", (0, 5), 1), ("L=0", (3, 0), 1), ("L=0 axis=2", (3, 0), 2)]
         for label, ids_shape, axis in edge:

@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 
 import fused_embedding as fe
-from fused_embedding import backends, launch
+from fused_embedding import backends, conformance, launch
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16, Axis, output_shape
 from fused_embedding.validation import assert_close, poisoned, random_inputs, unwritten
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_DTYPES = [np.float32, np.float16, BFLOAT16]
-ID_DTYPES = [np.int32, np.int64]
-# (V, D, B, L): D = 1, odd, narrow (a sub-warp per bag), wide with a ragged last
-# word; B = 1 and L = 1 among them; L > 32 crosses the ids' shared-memory stage.
-SHAPES = [(50, 1, 2, 5), (50, 3, 1, 9), (40, 16, 3, 4), (20, 33, 2, 1), (30, 8, 2, 37), (300, 129, 1, 3)]
+TABLE_DTYPES = conformance.TABLE_DTYPES
+ID_DTYPES = conformance.ID_DTYPES
 
 
 def skip_reason(name):
@@ -53,21 +50,12 @@ def run_backend(name, table, ids, axis, mask_zero):
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
-@pytest.mark.parametrize("table_dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "V%d-D%d-B%d-L%d" % s)
-@pytest.mark.parametrize("axis", [1, 2])
-@pytest.mark.parametrize("mask_zero", [False, True])
-def test_matches_reference(rng, backend, table_dtype, id_dtype, shape, axis, mask_zero):
-    table, ids = random_inputs(rng, *shape, table_dtype, id_dtype, padding_fraction=0.3 if mask_zero else 0.0)
-    if mask_zero:
-        ids[0, 0] = 0  # at least one padding position
-        table[0, :] = np.nan  # the padding row is never read
-    expected = embedding_mean_reference(table, ids, axis, mask_zero)
-    out = run_backend(backend, table, ids, axis, mask_zero)
-    assert not unwritten(out).any(), "the kernel left output elements unwritten"
-    assert out.dtype == np.dtype(table_dtype)
-    assert_close(out, expected, table_dtype)
+@pytest.mark.parametrize("case", conformance.cases(conformance.SIMULATOR_SHAPES), ids=lambda c: c.label)
+def test_matches_reference(rng, backend, case):
+    table, ids = case.inputs(rng)
+    out = run_backend(backend, table, ids, case.axis, case.mask_zero)
+    problem = case.check(out, table, ids)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
