@@ -8,7 +8,7 @@ import numpy as np
 
 from . import backends
 from .checks import check_backend_name, check_host_inputs, normalize_axis
-from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned
+from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned, output_too_large_error
 from .semantics import output_shape
 from .spec import BoundsCheck
 
@@ -127,8 +127,7 @@ def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool,
     # that library's out-of-memory error, before the kernel runs.
     limit = module.memory_limit_bytes() if out_bytes >= MEMORY_CHECK_MIN_BYTES else out_bytes
     if out_bytes > limit:
-        raise MemoryError(f"the output {shape} {np.dtype(table.dtype)} needs {out_bytes / 2**30:.1f} GiB, "
-                          f"more than the {limit / 2**30:.1f} GiB the {name!r} backend's device has")
+        raise output_too_large_error(shape, table.dtype, out_bytes, limit, name)
     if log.isEnabledFor(logging.DEBUG):  # the arguments below cost more than the check
         log.debug("embedding_mean: backend=%s table=%s%s ids=%s%s axis=%d mask_zero=%s", name,
                   np.dtype(table.dtype), tuple(table.shape), np.dtype(ids.dtype), tuple(ids.shape),

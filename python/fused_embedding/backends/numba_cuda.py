@@ -51,8 +51,8 @@ def unavailable_reason() -> str | None:
 
 def memory_limit_bytes() -> int:
     if cuda_simulated():
-        from .numpy import host_memory_available
-        return host_memory_available()
+        from ..memory import host_memory_limit_bytes
+        return host_memory_limit_bytes()
     from numba import cuda
     free, _ = cuda.current_context().get_memory_info()
     return int(free)

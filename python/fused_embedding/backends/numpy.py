@@ -22,10 +22,6 @@ def memory_limit_bytes() -> int:
     return host_memory_limit_bytes()
 
 
-# The GPU backends' simulator mode imports the host bound under this name.
-host_memory_available = host_memory_limit_bytes
-
-
 def embedding_mean(table, ids, axis, mask_zero, out=None):
     vocab = table.shape[0]
     bad = (ids < 0) | (ids >= vocab)
