@@ -120,7 +120,7 @@ def test_a_build_leaves_the_library_and_its_digest_or_nothing(tmp_path, monkeypa
     command that builds ahead; a verified library loads without one."""
     monkeypatch.setenv(tf_compiled.CACHE_ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.setattr(tf_compiled, "_build_command",
-                        lambda compiler, output: [compiler, "-c", f"printf 'a library' > '{output}'"])
+                        lambda compiler, output, include_dir: [compiler, "-c", f"printf 'a library' > '{output}'"])
     path = tf_compiled.library_path("sh")
     with caplog.at_level(logging.WARNING, logger="fused_embedding"):
         assert tf_compiled.ensure_library("sh") == path
@@ -132,7 +132,7 @@ def test_a_build_leaves_the_library_and_its_digest_or_nothing(tmp_path, monkeypa
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]
 
     monkeypatch.setattr(tf_compiled, "_build_command",
-                        lambda compiler, output: [compiler, "-c", f"printf half > '{output}'; exit 1"])
+                        lambda compiler, output, include_dir: [compiler, "-c", f"printf half > '{output}'; exit 1"])
     path.unlink()
     tf_compiled.digest_path(path).unlink()
     with pytest.raises(RuntimeError, match="sh failed \\(1\\)"):

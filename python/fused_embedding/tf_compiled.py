@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from . import memory
+from . import c_interface, memory
 from .semantics import TABLE_FORMATS
 
 log = logging.getLogger("fused_embedding")
@@ -69,18 +69,20 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def _build_command(compiler: str, output: Path) -> list[str]:
-    return ([compiler, "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations", str(SOURCE),
-             "-o", str(output)]
+def _build_command(compiler: str, output: Path, include_dir: Path) -> list[str]:
+    """``include_dir`` holds the generated C interface header (c_interface.HEADER_NAME)."""
+    return ([compiler, "-shared", "-fPIC", "-O2", "-Wno-deprecated-declarations", f"-I{include_dir}",
+             str(SOURCE), "-o", str(output)]
             + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
 
 
 def library_path(compiler: str) -> Path:
-    """Where the library built from this source, for this TF and compiler, is kept."""
+    """Where the library built from this source and C interface, for this TF and compiler, is kept."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
+    key.update(c_interface.header_text().encode())
     key.update(tf.__version__.encode())
-    key.update(" ".join(_build_command(compiler, Path("-"))).encode())
+    key.update(" ".join(_build_command(compiler, Path("-"), Path("-"))).encode())
     return cache_dir() / f"tf_host_op-{key.hexdigest()[:16]}.so"
 
 
@@ -124,8 +126,10 @@ def _build(compiler: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial, partial_digest = _private_name(path), _private_name(digest_path(path))
     try:
-        done = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
+        with tempfile.TemporaryDirectory(prefix="fused_embedding_include-") as include_dir:
+            (Path(include_dir) / c_interface.HEADER_NAME).write_text(c_interface.header_text())
+            done = subprocess.run(_build_command(compiler, partial, Path(include_dir)), capture_output=True,
+                                  text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         partial_digest.write_text(f"{_file_digest(partial)}  {path.name}\n")
@@ -149,8 +153,6 @@ def ensure_library(compiler: str) -> Path:
     return path
 
 
-_OUTPUT_CHECK = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_int64)
 
 
 def _output_too_large(rows: int, cols: int, dtype: int, message: int, capacity: int) -> int:
@@ -174,7 +176,7 @@ def _output_too_large(rows: int, cols: int, dtype: int, message: int, capacity: 
         return 0
 
 
-_output_check = _OUTPUT_CHECK(_output_too_large)  # kept alive: the library holds its address
+_output_check = c_interface.OUTPUT_CHECK.ctypes_functype()(_output_too_large)  # kept alive: the library holds its address
 
 
 def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> None:
@@ -187,17 +189,13 @@ def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> Non
     from .backends import OUT_OF_RANGE_MESSAGE, cpu_cfunc
     dtypes = [tf.as_dtype(dtype).as_datatype_enum for dtype in TABLE_FORMATS]
     formats = list(TABLE_FORMATS.values())
-    configure = library.fused_embedding_configure
-    configure.restype = ctypes.c_int
-    configure.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int,
-                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
-                          _OUTPUT_CHECK, ctypes.c_int64]
+    configure = c_interface.CONFIGURE.bind(library)
     if launcher_address is None:
         launcher_address = cpu_cfunc.launch_sequence_mean.address
     status = configure(launcher_address, numba.config.NUMBA_NUM_THREADS,
                        OUT_OF_RANGE_MESSAGE.encode(), len(dtypes),
                        (ctypes.c_int * len(dtypes))(*dtypes), (ctypes.c_int * len(formats))(*formats),
-                       _output_check, MEMORY_CHECK_MIN_BYTES)
+                       ctypes.cast(_output_check, ctypes.c_void_p), MEMORY_CHECK_MIN_BYTES)
     if status != 0:
         raise RuntimeError(f"the library refused the table dtypes' TF enum values {dtypes}: it "
                            "takes values from 0 to 31 (kDataTypes in tf_host_op.cc)")
@@ -219,8 +217,7 @@ def _load():
     module = tf.load_op_library(str(path))
     library = ctypes.CDLL(str(path))  # the handle tf.load_op_library opened: the same globals
     _configure(library)
-    set_serial_only = library.fused_embedding_set_serial_only
-    set_serial_only.argtypes = [ctypes.c_int64]
+    set_serial_only = c_interface.SET_SERIAL_ONLY.bind(library)
     set_serial_only(int(cpu.runs_serial_only()))
     cpu.on_serial_only(lambda: set_serial_only(1))
     return module, library
@@ -245,8 +242,7 @@ def op_module():
 def poison_outputs(value: float | None) -> None:
     """For tests: fill every output of the compiled kernel with ``value`` before the kernel
     writes it (None: stop), so an element it skips shows. Needs the library loaded."""
-    poison = _library.fused_embedding_poison_outputs
-    poison.argtypes = [ctypes.c_int, ctypes.c_float]
+    poison = c_interface.POISON_OUTPUTS.bind(_library)
     poison(int(value is not None), 0.0 if value is None else float(value))
 
 

@@ -20,6 +20,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "fused_embedding_c_interface.h"
 
 namespace {
 
@@ -32,18 +33,9 @@ using tensorflow::TensorShape;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
-// backends/cpu_cfunc.py: launch_sequence_mean. Returns the first flat position
-// b * L + l of an out-of-range id, or B * L when every id is in range.
-typedef int64_t (*Launcher)(const void* table, int64_t vocab, int64_t dim, int64_t format,
-                            const void* ids, int64_t id_bytes, int64_t batch, int64_t length,
-                            int64_t mask_zero, int64_t team_size, int64_t serial_only, void* out);
-
-// tf_compiled.py: _output_too_large. Whether a (rows, cols) output of that DataType
-// fits in the host's memory: 0 when it does, else the length of the MemoryError
-// message written into message (capacity bytes, NUL-terminated).
-typedef int64_t (*OutputCheck)(int64_t rows, int64_t cols, int64_t dtype, char* message,
-                               int64_t capacity);
-
+// Launcher (backends/cpu_cfunc.py's launch_sequence_mean), OutputCheck (tf_compiled.py's
+// memory check) and the extern "C" entry points below are declared in this header, which
+// tf_compiled.py generates from c_interface.py: one declaration for C++, Numba and ctypes.
 constexpr int kDataTypes = 32;  // above every DataType enum value a table can have
 constexpr int64_t kMessageCapacity = 512;
 
@@ -177,9 +169,9 @@ extern "C" {
 // Called once by tf_compiled.py after loading this library, before any op is built.
 // formats: count pairs (DataType enum, the kernels' format code). output_check is
 // asked about every output of check_min_bytes bytes or more.
-int fused_embedding_configure(void* launcher, int64_t team_size, const char* bad_id_message,
+int fused_embedding_configure(Launcher launcher, int64_t team_size, const char* bad_id_message,
                               int count, const int* dtypes, const int* formats,
-                              void* output_check, int64_t check_min_bytes) {
+                              OutputCheck output_check, int64_t check_min_bytes) {
   for (int i = 0; i < kDataTypes; ++i) g_formats[i].store(-1);
   for (int i = 0; i < count; ++i) {
     if (dtypes[i] < 0 || dtypes[i] >= kDataTypes) return -1;
@@ -191,8 +183,8 @@ int fused_embedding_configure(void* launcher, int64_t team_size, const char* bad
   }
   g_team_size.store(team_size);
   g_check_min_bytes.store(check_min_bytes);
-  g_output_check.store(reinterpret_cast<OutputCheck>(output_check));
-  g_launcher.store(reinterpret_cast<Launcher>(launcher));
+  g_output_check.store(output_check);
+  g_launcher.store(launcher);
   return 0;
 }
 

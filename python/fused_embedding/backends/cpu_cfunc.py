@@ -13,7 +13,7 @@ keys the disk cache on this file alone: after editing ``launch.py`` or the kerne
 (``kernels/cpu*.py``), delete ``backends/__pycache__/cpu_cfunc.*.nb[ic]`` as well as
 ``kernels/__pycache__/*.nb[ic]``, or the old machine code keeps running.
 
-Arguments (all int64 but the addresses):
+Arguments (all int64 but the addresses; declared once in ``c_interface.LAUNCHER``):
   table: address of [V][D] float32, or uint16 bits of float16 / bfloat16 (``format``)
   vocab, dim: V, D; format: ``semantics.FORMAT_*``
   ids: address of [B][L] int32 or int64 (``id_bytes`` 4 or 8); batch, length: B, L
@@ -26,10 +26,10 @@ Returns the first flat position b * L + l of an id outside [0, V), or B * L.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, njit
 from numba.np.ufunc.parallel import _launch_threads
 
-from .. import launch
+from .. import c_interface, launch
 from ..kernels.cpu import SERIAL, gather_mean_sequence
 from ..semantics import FORMAT_FLOAT32
 
@@ -38,9 +38,7 @@ from ..semantics import FORMAT_FLOAT32
 # process fails with "Symbol not found: allocate_sched" otherwise.
 _launch_threads()
 
-SIGNATURE = types.int64(types.voidptr, types.int64, types.int64, types.int64,
-                        types.voidptr, types.int64, types.int64, types.int64,
-                        types.int64, types.int64, types.int64, types.voidptr)
+SIGNATURE = c_interface.LAUNCHER.numba_signature()  # what tf_host_op.cc calls
 
 # The launch heuristics compiled as they are: one definition for both launchers.
 _rows_ahead = njit(launch.cpu_rows_ahead)
