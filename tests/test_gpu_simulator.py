@@ -15,8 +15,8 @@ import pytest
 import fused_embedding as fe
 from fused_embedding import backends, conformance, launch
 from fused_embedding.reference import embedding_mean_reference
-from fused_embedding.semantics import BFLOAT16, Axis, output_shape
-from fused_embedding.validation import assert_close, poisoned, random_inputs, unwritten
+from fused_embedding.semantics import BFLOAT16, Axis
+from fused_embedding.validation import assert_close, random_inputs, unwritten
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_DTYPES = conformance.TABLE_DTYPES
@@ -43,10 +43,7 @@ def gpu_backend_params():
 
 def run_backend(name, table, ids, axis, mask_zero):
     """The backend's launcher on host inputs and a poisoned host output (copied to the device first)."""
-    out = poisoned(output_shape(Axis(axis), ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
-    result = backends.get(name).embedding_mean(table, ids, Axis(axis), mask_zero, out=out)
-    assert result is out
-    return out
+    return conformance.run_poisoned(backends.get(name), table, ids, axis, mask_zero)
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
@@ -388,15 +385,9 @@ def test_cupy_backend_host_code(rng, stand_in_cupy, table_dtype, id_dtype, shape
         assert isinstance(result, StandInArray)  # stays on the device
         out = result.get().view(table_dtype)
     else:
-        out = run_backend_module(stand_in_cupy, table, ids, axis, mask_zero)
+        out = conformance.run_poisoned(stand_in_cupy, table, ids, axis, mask_zero)
     assert not unwritten(out).any()
     assert_close(out, expected, table_dtype)
-
-
-def run_backend_module(module, table, ids, axis, mask_zero):
-    out = poisoned(output_shape(Axis(axis), ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
-    assert module.embedding_mean(table, ids, Axis(axis), mask_zero, out=out) is out
-    return out
 
 
 @pytest.mark.parametrize("axis", [1, 2])

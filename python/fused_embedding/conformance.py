@@ -75,6 +75,16 @@ class Case:
         return compare(result, expected, **tolerance(self.table_dtype))
 
 
+def run_poisoned(module, table, ids, axis, mask_zero, **options):
+    """A backend module's launcher on host inputs and a poisoned host output (a GPU backend
+    copies them over and back), so an element it never writes shows; returns that output."""
+    out = poisoned(output_shape(Axis(axis), ids.shape[0], ids.shape[1], table.shape[1]), table.dtype)
+    result = module.embedding_mean(table, ids, Axis(axis), mask_zero, out=out, **options)
+    if result is not out:
+        raise AssertionError(f"{module.__name__} returned a new array instead of writing the output it was given")
+    return out
+
+
 def cases(shapes, keep_one_in: int = 1) -> list[Case]:
     """Every table dtype x id dtype x axis x mask on each shape; with ``keep_one_in`` = k,
     every k-th of them counted on across shapes (k coprime to the 24 combinations gives
