@@ -157,6 +157,7 @@ def test_core_op_from_8_threads_under_numba_workqueue(rng):
     assert "threading layer: workqueue" in result.stdout
 
 
+@pytest.mark.slow
 def test_tf_op_from_8_threads(rng, schedule):
     """The TF op, eagerly in four threads and through one shared tf.function in four.
 
@@ -189,6 +190,7 @@ def test_tf_op_from_8_threads(rng, schedule):
     assert not failures, failures[:3]
 
 
+@pytest.mark.slow
 def test_compiled_tf_kernel_from_8_threads_in_parallel(rng):
     """The TF op's compiled kernel (axis 1 in a graph) called from eight threads at once,
     every call large enough to launch Numba's thread team: the kernel's serial threshold
@@ -256,6 +258,7 @@ FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["default", "workqueue"])
 def test_forked_workers_after_the_parent_used_the_op(rng, layer):
     """multiprocessing's "fork" workers (Linux's default before Python 3.14) after the parent ran the op.

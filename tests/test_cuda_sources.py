@@ -67,6 +67,7 @@ def test_there_are_sources():
     assert cupy_backend.SOURCE_FILE in [s.name for s in SOURCES]
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [s.name for s in SOURCES])

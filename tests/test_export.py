@@ -78,6 +78,7 @@ def run_fresh(script, path):
     return result
 
 
+@pytest.mark.slow
 def test_keras_file_reloads_in_a_fresh_process(saved):
     run_fresh("""
         import sys, numpy as np
@@ -91,6 +92,7 @@ def test_keras_file_reloads_in_a_fresh_process(saved):
     assert_close(np.load(saved["path"] / "keras_reloaded.npy"), saved["expected"], np.float32)
 
 
+@pytest.mark.slow
 def test_savedmodels_serve_in_a_fresh_process_without_this_package(saved):
     result = run_fresh("""
         import importlib.abc, sys, numpy as np

@@ -255,6 +255,7 @@ def test_launch_past_the_grid_limit_says_so():
 
 
 # --- the GPU check script -----------------------------------------------------------------
+@pytest.mark.slow
 @requires_numba_cuda
 def test_gpu_check_script_passes_in_simulate_mode(tmp_path):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", OUT=str(tmp_path))

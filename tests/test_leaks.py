@@ -15,6 +15,7 @@ pytest.importorskip("psutil", reason="psutil measures resident memory")
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "leak_check.py")
 
 
+@pytest.mark.slow
 def test_tf_op_10000_calls_keep_rss_flat(rng):
     result = subprocess.run(
         [sys.executable, SCRIPT, "--calls", "10000", "--warmup", "1000", "--bound-mb", "20",

@@ -100,6 +100,7 @@ def test_host_backend_matches_reference(name, case):
 
 
 # Planted inf - inf is NaN by design; the simulator's NumPy scalars warn about it.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("name", [backend_param("numba-cuda")])
 @property_settings()
@@ -146,6 +147,7 @@ def test_host_backend_reports_the_first_bad_id(name, case, axis, mask_zero):
     check_first_bad_id_is_reported(name, *case, axis, mask_zero)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [backend_param("numba-cuda")])
 @property_settings(limit_examples=50)
 @given(case=bad_id_cases(vocab=SIMULATOR_LIMITS["vocab"], batch=SIMULATOR_LIMITS["batch"],
@@ -179,6 +181,7 @@ def strided_cases(draw, vocab, dim, batch, length):
     return table_view, ids_view, axis, mask_zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [backend_param("cpu")])
 @property_settings(limit_examples=200)
 @given(case=strided_cases(**HOST_LIMITS))
