@@ -34,3 +34,34 @@ def embedding_mean_reference(table, ids, axis=Axis.SEQUENCE, mask_zero=False) ->
         return np.where(counts[:, None] > 0, means, EMPTY_BAG_VALUE)
     means = rows.mean(axis=2) if table64.shape[1] else np.zeros(ids.shape)  # [B][L]
     return np.where(counted, means, EMPTY_BAG_VALUE)
+
+
+def embedding_bag_reference(table, values, offsets, weights=None, combiner="mean") -> np.ndarray:
+    """float64 ``combiner(table[values] * weights)`` per CSR bag, with the package's semantics.
+
+    table: (V, D) any float dtype (read as float64). values: (N,) integers in [0, V).
+    offsets: (B + 1,) non-decreasing, offsets[0] == 0, offsets[-1] == N (bag b is
+    values[offsets[b]:offsets[b + 1]]). weights: None (all 1) or (N,) floats.
+    combiner: "mean" (sum(w * row) / sum(w)), "sum", "sqrtn" (sum(w * row) / sqrt(sum(w^2)));
+    a zero denominator gives zeros, as TF's div_no_nan (so does an empty bag).
+    Returns (B, D) float64. Reads N ids and N*D table elements; writes N*D, then the result.
+    """
+    from .bags import Combiner  # bags imports this module's users lazily; no cycle at import
+    combiner = Combiner.of(combiner)
+    table64 = np.asarray(table).astype(np.float64)
+    values = np.asarray(values)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    batch = offsets.shape[0] - 1
+    w = np.ones(values.shape[0]) if weights is None else np.asarray(weights).astype(np.float64)
+    bag_of = np.repeat(np.arange(batch), np.diff(offsets))    # [N]
+    sums = np.zeros((batch, table64.shape[1]))
+    np.add.at(sums, bag_of, table64[values] * w[:, None])     # [B][D]
+    if combiner is Combiner.SUM:
+        return sums
+    terms = w if combiner is Combiner.MEAN else w * w
+    divisor = np.zeros(batch)
+    np.add.at(divisor, bag_of, terms)
+    if combiner is Combiner.SQRTN:
+        divisor = np.sqrt(divisor)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(divisor[:, None] != 0, sums / divisor[:, None], EMPTY_BAG_VALUE)

@@ -1,0 +1,223 @@
+"""Variable-length bags: ``embedding_bag(table, values, offsets, weights=None, combiner="mean")``.
+
+Bags in CSR form, as ``tf.nn.embedding_lookup_sparse`` and
+``torch.nn.functional.embedding_bag`` take them: bag b is
+``values[offsets[b]:offsets[b + 1]]``, with one weight per id when ``weights`` is given.
+Host backends only so far ("cpu": kernels/cpu_bags.py; "numpy": the float64 reference).
+Dense ``(B, L)`` ids stay ``embedding_mean``'s, with its contract.
+"""
+from __future__ import annotations
+
+import enum
+import os
+
+import numpy as np
+
+from . import backends, launch
+from .api import BACKEND_ENV_VAR, MEMORY_CHECK_MIN_BYTES, device_of
+from .checks import check_table_shape, table_dtype_error
+from .memory import output_too_large_error
+from .semantics import TABLE_FORMATS, table_format
+
+
+class Combiner(enum.IntEnum):
+    """How a bag's weighted rows combine: TF's ``combiner`` names and definitions.
+
+    The value is the kernels' code. (To move into spec.Pooling once the kernels read the spec.)
+    """
+
+    MEAN = 0   # weighted sum / sum of weights (unweighted: / count)
+    SUM = 1    # weighted sum
+    SQRTN = 2  # weighted sum / sqrt(sum of squared weights) (unweighted: / sqrt(count))
+
+    @property
+    def tf_name(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, value) -> "Combiner":
+        if isinstance(value, cls):
+            return value
+        found = _COMBINERS.get(value) if isinstance(value, str) else None
+        if found is None:
+            raise ValueError(f"combiner must be one of {sorted(_COMBINERS)}, got {value!r}")
+        return found
+
+
+_COMBINERS = {c.tf_name: c for c in Combiner}
+
+HOST_BACKENDS = ("cpu", "numpy")  # the backends with a bags launcher, fastest first
+
+_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_WEIGHT_DTYPE = np.dtype(np.float32)
+_NO_WEIGHTS = np.empty(0, dtype=np.float32)  # what the kernels get when no weights are passed
+
+BAG_OUT_OF_RANGE_MESSAGE = ("id {id} at values[{position}] (bag {bag}) is out of range for a table "
+                            "of {vocab} rows (expected 0 <= id < {vocab})")
+
+
+def bag_out_of_range_error(values, offsets, position: int, vocab: int) -> IndexError:
+    """The error for the id at ``values[position]``, naming it, its position, its bag and V."""
+    position = int(position)
+    bag = int(np.searchsorted(offsets, position, side="right")) - 1  # the bag with ids, not an empty one
+    return IndexError(BAG_OUT_OF_RANGE_MESSAGE.format(id=int(values[position]), position=position,
+                                                      bag=bag, vocab=vocab))
+
+
+def embedding_bag(table, values, offsets, *, weights=None, combiner="mean", backend=None):
+    """Fused ``combiner(table[values] * weights)`` per bag, for bags of any length (CSR).
+
+    Args:
+      table: (V, D) float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) host array.
+      values: (N,) int32 or int64, the ids of every bag one after another, each in [0, V).
+      offsets: (B + 1,) int32 or int64, non-decreasing, ``offsets[0] == 0`` and
+        ``offsets[-1] == N``: bag b is ``values[offsets[b]:offsets[b + 1]]``, and may be empty.
+      weights: None, or (N,) float32, one weight per id (any sign, zero included).
+      combiner: as ``tf.nn.embedding_lookup_sparse``'s, with w = 1 when unweighted:
+        "mean": sum(w * row) / sum(w); "sum": sum(w * row);
+        "sqrtn": sum(w * row) / sqrt(sum(w^2)).
+        A zero denominator gives zeros (TF's ``div_no_nan``): an empty bag gives zeros
+        under every combiner (TF's unsafe op assumes there are none), and so does a
+        mean whose weights sum to 0.
+      backend: None ("cpu" where Numba is installed, else "numpy"; or
+        ``FUSED_EMBEDDING_BACKEND`` when it names one of these), "cpu" or "numpy".
+
+    Returns:
+      (B, D) NumPy array of the table's dtype, accumulated in float32 ("numpy": float64,
+      rounded once to the table's dtype).
+
+    Raises:
+      TypeError: a dtype other than the above.
+      ValueError: a rank, length or offsets other than the above, an unknown combiner,
+        a backend other than "cpu" / "numpy", or arrays on a GPU.
+      IndexError: an id outside [0, V), the first in ``values`` order; the message gives
+        the id, its position in ``values``, its bag and V. No partial result is returned.
+      MemoryError: the output would not fit in the host's memory.
+    """
+    return _embedding_bag(table, values, offsets, weights, combiner, backend)
+
+
+def _embedding_bag(table, values, offsets, weights, combiner, backend, out=None, n_chunks=None):
+    """``embedding_bag``; ``out`` (B, D) of the table's dtype receives the result (tests pass
+    a poisoned one; on an error it may be partly written), ``n_chunks`` forces the cpu
+    kernel's split (tests: bags cut across many chunks)."""
+    table, values, offsets, weights = (None if a is None else _on_host(a, name) for a, name in
+                                       ((table, "table"), (values, "values"),
+                                        (offsets, "offsets"), (weights, "weights")))
+    combiner = Combiner.of(combiner)
+    check_bag_inputs(table, values, offsets, weights)
+    name = choose_bag_backend(backend)
+    shape = (offsets.shape[0] - 1, table.shape[1])
+    out_bytes = shape[0] * shape[1] * table.dtype.itemsize
+    if out_bytes >= MEMORY_CHECK_MIN_BYTES:
+        limit = backends.get(name).memory_limit_bytes()
+        if out_bytes > limit:
+            raise output_too_large_error(shape, table.dtype, out_bytes, limit, name)
+    if out is None:
+        out = np.empty(shape, dtype=table.dtype)
+    values = np.ascontiguousarray(values)  # the kernels walk ids flat: copies ids only, never the table
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)  # B + 1 entries; one offsets type to compile
+    weights = None if weights is None else np.ascontiguousarray(weights)
+    launcher = _launch_cpu if name == "cpu" else _launch_numpy
+    launcher(table, values, offsets, weights, combiner, out, n_chunks)
+    return out
+
+
+def _on_host(array, name):
+    if device_of(array) == "cuda":
+        raise ValueError(f"embedding_bag runs on host arrays so far (backends {HOST_BACKENDS}); "
+                         f"{name} is on a GPU")
+    return array if type(array) is np.ndarray else np.asarray(array)  # zero-copy for TF and torch CPU tensors
+
+
+def _integer_check(array, name: str, shape_text: str) -> None:
+    if array.dtype not in _ID_DTYPES:
+        dtype = np.dtype(array.dtype)
+        hint = " (float ids are not truncated as Keras does)" if dtype.kind in "fc" else ""
+        raise TypeError(f"{name} must be int32 or int64, got {dtype}{hint}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D {shape_text}, got {array.ndim}-D with shape {array.shape}")
+
+
+def check_bag_inputs(table, values, offsets, weights) -> None:
+    """The bags op's checks on host arrays: dtypes, ranks, CSR offsets, weights.
+
+    The offsets are read once here (B + 1 integers); the ids are checked against V by
+    the kernels as they read them.
+    """
+    if np.dtype(table.dtype) not in TABLE_FORMATS:
+        raise table_dtype_error(str(np.dtype(table.dtype)))
+    check_table_shape(table.shape)
+    _integer_check(values, "values", "(N,)")
+    _integer_check(offsets, "offsets", "(B + 1,)")
+    total = values.shape[0]
+    if offsets.shape[0] < 1:
+        raise ValueError("offsets must have B + 1 >= 1 entries (offsets[0] == 0, then the end of "
+                         "each bag), got an empty array")
+    if offsets[0] != 0:
+        raise ValueError(f"offsets[0] must be 0 (the first bag starts at values[0]), got {int(offsets[0])}")
+    falls = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if falls.size:
+        i = int(falls[0]) + 1
+        raise ValueError(f"offsets must be non-decreasing, got offsets[{i}] = {int(offsets[i])} "
+                         f"after offsets[{i - 1}] = {int(offsets[i - 1])}")
+    last = int(offsets[-1])
+    if last != total:
+        where = "past the end of" if last > total else "short of the end of"
+        raise ValueError(f"offsets[-1] must equal len(values) = {total}, got offsets[{offsets.shape[0] - 1}] "
+                         f"= {last}, {where} values")
+    if weights is not None:
+        if np.dtype(weights.dtype) != _WEIGHT_DTYPE:
+            raise TypeError(f"weights must be float32, got {np.dtype(weights.dtype)}")
+        if weights.shape != values.shape:
+            raise ValueError(f"weights must have the shape of values, {values.shape}, got {weights.shape}")
+
+
+def choose_bag_backend(requested) -> str:
+    """The backend to run: the requested one, else ``FUSED_EMBEDDING_BACKEND`` when it names a
+    host backend, else the fastest available host backend."""
+    name = requested
+    if name is None:
+        from_env = os.environ.get(BACKEND_ENV_VAR)
+        name = from_env if from_env in HOST_BACKENDS else None
+    if name is None:
+        return next(n for n in HOST_BACKENDS if backends.unavailable_reason(n) is None)  # numpy always is
+    if name not in HOST_BACKENDS:
+        raise ValueError(f"embedding_bag runs on the backends {HOST_BACKENDS} so far, got {name!r}")
+    reason = backends.unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} was requested but is not available here: {reason}")
+    return name
+
+
+def _launch_cpu(table, values, offsets, weights, combiner, out, n_chunks):
+    import numba
+
+    from .backends import cpu as cpu_backend
+    from .kernels import cpu_bags
+    batch, total = offsets.shape[0] - 1, values.shape[0]
+    row_bytes = table.shape[1] * table.dtype.itemsize
+    serial = launch.cpu_runs_serial(total, row_bytes) or cpu_backend.runs_serial_only()
+    if n_chunks is None:
+        # Chunks outnumber the threads a few times (launch.CPU_CHUNKS_PER_THREAD), each at
+        # least one step of the merge path; one chunk on the calling thread (no fix-up).
+        threads = numba.config.NUMBA_NUM_THREADS
+        n_chunks = 1 if serial else max(1, min(total + batch, threads * launch.CPU_CHUNKS_PER_THREAD))
+    args = (cpu_backend._bits(table), values, offsets, _NO_WEIGHTS if weights is None else weights,
+            weights is not None, int(combiner), table_format(table.dtype), int(n_chunks),
+            launch.cpu_rows_ahead(row_bytes), cpu_backend._bits(out))
+    if serial:
+        first_bad = cpu_bags.embedding_bag_serial(*args)
+    else:
+        first_bad = cpu_backend._launch(cpu_bags.embedding_bag, *args)
+    if first_bad < total:
+        raise bag_out_of_range_error(values, offsets, first_bad, table.shape[0])
+
+
+def _launch_numpy(table, values, offsets, weights, combiner, out, n_chunks):
+    from .reference import embedding_bag_reference
+    vocab = table.shape[0]
+    bad = np.flatnonzero((values < 0) | (values >= vocab))
+    if bad.size:
+        raise bag_out_of_range_error(values, offsets, bad[0], vocab)
+    out[...] = embedding_bag_reference(table, values, offsets, weights, combiner).astype(table.dtype)
