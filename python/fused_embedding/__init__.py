@@ -4,6 +4,7 @@
 without materialising the (B, L, D) intermediate.
 """
 from .api import available_backends, embedding_mean, synchronize
+from .bags import embedding_bag
 from .semantics import Axis
 
 __version__ = "0.1.0"
