@@ -273,27 +273,33 @@ def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
     return tf.bitcast(result, tf.bfloat16) if is_bfloat16 else result
 
 
-def _native_bounds_check(table, ids):
-    """An op that fails, as the kernels do, on the first id outside [0, V) in row order, with
-    the message every form of the op gives (id, its (row, column), V); TF's own assertions
-    would print the whole ids tensor instead. The message is formatted only on failure."""
-    vocab = tf.shape(table, out_type=ids.dtype)[0]
-    bad = tf.reshape(tf.logical_or(ids < 0, ids >= vocab), [-1])          # [B*L]
+def _assert_ids_in_range(flat_ids, vocab, template: str, fields):
+    """An op that fails, as the kernels do, on the first id of ``flat_ids`` outside [0, V),
+    with ``template`` (a ``str.format`` message) filled from ``fields(first)``: a dict of
+    tensors for the first bad flat position (``vocab`` is added). TF's own assertions would
+    print the whole ids tensor instead. The message is formatted only on failure."""
+    bad = tf.logical_or(flat_ids < 0, flat_ids >= vocab)
 
     def fail():
-        first = tf.argmax(tf.cast(bad, tf.int32), output_type=ids.dtype)   # the first True
-        length = tf.shape(ids, out_type=ids.dtype)[1]
-        values = {"id": tf.reshape(ids, [-1])[first], "row": first // length, "col": first % length,
-                  "vocab": vocab}
-        fields = [name for _, name, _, _ in string.Formatter().parse(OUT_OF_RANGE_MESSAGE) if name]
-        template = OUT_OF_RANGE_MESSAGE
-        for name in set(fields):
-            template = template.replace("{" + name + "}", "{}")
-        message = tf.strings.format(template, [values[name] for name in fields])
+        first = tf.argmax(tf.cast(bad, tf.int32), output_type=flat_ids.dtype)  # the first True
+        values = dict(fields(first), id=flat_ids[first], vocab=vocab)
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        pattern = template
+        for name in set(names):
+            pattern = pattern.replace("{" + name + "}", "{}")
+        message = tf.strings.format(pattern, [values[name] for name in names])
         with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
             return tf.constant(False)
 
     return tf.cond(tf.reduce_any(bad), fail, lambda: tf.constant(True))
+
+
+def _native_bounds_check(table, ids):
+    """Dense ids [B][L]: the message every form of the op gives (id, its (row, column), V)."""
+    length = tf.shape(ids, out_type=ids.dtype)[1]
+    return _assert_ids_in_range(tf.reshape(ids, [-1]), tf.shape(table, out_type=ids.dtype)[0],
+                                OUT_OF_RANGE_MESSAGE,
+                                lambda first: {"row": first // length, "col": first % length})
 
 
 def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
