@@ -151,8 +151,9 @@ class Landing:
         self.flag = np.array([NO_BAD_POSITION], np.int64)
         self.value, self.landed, self.waited = first_bad, False, False
         ids = np.full((2, 3), 7, np.int64)
-        self.check = gpu_staging.PendingCheck(self.flag, lambda: self.landed, self.wait,
-                                              lambda r, c: ids[r, c] + 100 * len(name), 2, 3, 5)
+        self.check = gpu_staging.PendingCheck(
+            self.flag, lambda: self.landed, self.wait, 6,
+            gpu_staging.dense_error_at(lambda r, c: ids[r, c] + 100 * len(name), 3, 5))
 
     def land(self):
         self.flag[0], self.landed = self.value, True

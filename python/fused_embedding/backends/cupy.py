@@ -147,10 +147,11 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
         return int(d_ids[row, col].get()) if ids_on_device else int(ids[row, col])
 
     def finish():
+        error_at = gpu_staging.dense_error_at(id_at, length, vocab)
         if bounds_check is BoundsCheck.DEFERRED:
-            gpu_staging.defer(_pending_check(bad_position, id_at, batch, length, vocab))
+            gpu_staging.defer(_pending_check(bad_position, batch * length, error_at))
         else:  # the one value read back; waits for the kernel
-            gpu_staging.raise_if_bad(int(bad_position.get()[0]), batch, length, vocab, id_at)
+            gpu_staging.raise_if_bad(int(bad_position.get()[0]), batch * length, error_at)
         if host_out is not None:
             d_out.get(out=host_out.view(elements))
             return host_out
@@ -167,7 +168,7 @@ def _new_host_slot():
 _host_slots = gpu_staging.HostSlots(_new_host_slot)
 
 
-def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingCheck:
+def _pending_check(flag, positions, error_at) -> gpu_staging.PendingCheck:
     """The error flag's copy to a pinned host slot, queued after the kernel on the current
     stream, with an event after it: nothing waits here."""
     import cupy
@@ -176,8 +177,8 @@ def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingChec
     flag.get(stream=stream, out=slot, blocking=False)
     event = cupy.cuda.Event(block=False, disable_timing=True)
     event.record(stream)
-    return gpu_staging.PendingCheck(slot, lambda: event.done, event.synchronize, id_at, batch, length,
-                                    vocab, release=lambda: _host_slots.give_back(slot))
+    return gpu_staging.PendingCheck(slot, lambda: event.done, event.synchronize, positions, error_at,
+                                    release=lambda: _host_slots.give_back(slot))
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE):

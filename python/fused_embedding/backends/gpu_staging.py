@@ -32,37 +32,42 @@ def nothing_to_write(axis, batch: int, length: int) -> bool:
     return batch == 0 or (axis is Axis.EMBEDDING and length == 0)
 
 
-def raise_if_bad(first_bad: int, batch: int, length: int, vocab: int, id_at, suffix: str = "") -> None:
-    """Raise the IndexError for a kernel's error flag value ``first_bad`` (a flat position),
-    ``id_at(row, col)`` giving the id there; nothing when the flag says no bad id."""
-    if first_bad < batch * length:
-        row, col = divmod(int(first_bad), length)
-        error = out_of_range_error(int(id_at(row, col)), row, col, vocab)
-        if suffix:
-            error = IndexError(str(error) + suffix)
-        raise error
+def raise_if_bad(first_bad: int, positions: int, error_at, suffix: str = "") -> None:
+    """Raise ``error_at(first_bad)`` (an IndexError naming the id there) when a kernel's error
+    flag value ``first_bad`` is a position below ``positions``; nothing when it says no bad id."""
+    if first_bad < positions:
+        error = error_at(int(first_bad))
+        raise IndexError(str(error) + suffix) if suffix else error
+
+
+def dense_error_at(ids_at, length: int, vocab: int):
+    """``error_at`` for dense ids [B][L]: the flat position b * L + l, ``ids_at(row, col)`` the id there."""
+    def error_at(position):
+        row, col = divmod(position, length)
+        return out_of_range_error(int(ids_at(row, col)), row, col, vocab)
+    return error_at
 
 
 class PendingCheck:
     """One deferred bounds check: a host copy of a call's flag, landing asynchronously.
 
     flag_host: a host array whose element 0 receives the flag; done(): True once the
-    copy has landed; wait(): blocks until it has; id_at(row, col): the call's id there
-    (the ids are kept for the message); release(): gives the host slot back.
+    copy has landed; wait(): blocks until it has; positions and error_at as for
+    ``raise_if_bad`` (error_at keeps the call's ids for the message); release(): gives
+    the host slot back.
     """
 
-    __slots__ = ("flag_host", "done", "wait", "id_at", "batch", "length", "vocab", "release")
+    __slots__ = ("flag_host", "done", "wait", "positions", "error_at", "release")
 
-    def __init__(self, flag_host, done, wait, id_at, batch, length, vocab, release=None):
-        self.flag_host, self.done, self.wait, self.id_at = flag_host, done, wait, id_at
-        self.batch, self.length, self.vocab = batch, length, vocab
-        self.release = release
+    def __init__(self, flag_host, done, wait, positions, error_at, release=None):
+        self.flag_host, self.done, self.wait = flag_host, done, wait
+        self.positions, self.error_at, self.release = positions, error_at, release
 
     def raise_if_bad(self) -> None:
         first_bad = int(self.flag_host[0])
         if self.release is not None:
             self.release()
-        raise_if_bad(first_bad, self.batch, self.length, self.vocab, self.id_at, DEFERRED_SUFFIX)
+        raise_if_bad(first_bad, self.positions, self.error_at, DEFERRED_SUFFIX)
 
 
 _lock = threading.Lock()

@@ -223,8 +223,6 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
     bounds_check: RAISE reads the error flag in ``finish()``; DEFERRED queues its
     asynchronous copy (backends/gpu_staging.py).
     """
-    from numba import cuda
-
     from ..kernels import cuda as kernels
     table_on_device = _on_device(table)
     ids_on_device = _on_device(ids)
@@ -240,33 +238,9 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
                 _device_result(_device_empty(shape, elements), dtype, table)
         return PreparedCall(None, lambda: out)
 
-    def to_device(host):  # keeps what the caller put there (poison)
-        return _as_argument(cuda.to_device(np.ascontiguousarray(host)))
-
-    # Table -> words: a view of the same bytes, loaded word_bytes at a time.
-    if table_on_device:
-        d_table = DeviceBuffer.of(table).view(elements)
-        contiguous = d_table.c_contiguous
-        address = d_table.pointer if contiguous else 1
-    else:
-        host_table = np.ascontiguousarray(table).view(elements)
-        contiguous, address = True, 0  # a fresh device allocation is 256-byte aligned
-    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES[fmt]) \
-        if contiguous else dtype.itemsize
-    word = word_dtype(fmt, word_bytes, dtype.itemsize)
-    d_words = d_table.view(word) if table_on_device else to_device(host_table.view(word))
-
-    d_ids = DeviceBuffer.of(ids) if ids_on_device else to_device(ids)
-    host_out = None
-    if out is None:
-        d_out = _device_empty(shape, elements)
-        if not table_on_device:
-            host_out = np.empty(shape, dtype)
-    elif _on_device(out):
-        d_out = DeviceBuffer.of(out).view(elements)
-    else:
-        host_out = out
-        d_out = to_device(out.view(elements))
+    staged = _Staged(table, shape, out)
+    d_ids = DeviceBuffer.of(ids) if ids_on_device else staged.to_device(ids)
+    d_words, word, word_bytes, d_out = staged.d_words, staged.word, staged.word_bytes, staged.d_out
     bad_position = _error_flag()  # NO_BAD_POSITION: the kernel atomically lowers it
 
     config = launch.gpu_launch(axis, batch, length, dim, dtype.itemsize, word_bytes)
@@ -280,19 +254,124 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
         return _to_host(d_ids)[row, col] if ids_on_device else ids[row, col]
 
     def finish():
+        error_at = gpu_staging.dense_error_at(id_at, length, vocab)
         if bounds_check is BoundsCheck.DEFERRED:
-            gpu_staging.defer(_pending_check(bad_position, id_at, batch, length, vocab))
+            gpu_staging.defer(_pending_check(bad_position, batch * length, error_at))
         else:  # the one value read back; waits for the kernel
-            gpu_staging.raise_if_bad(int(_to_host(bad_position)[0]), batch, length, vocab, id_at)
-        if host_out is not None:
-            host_out.view(elements)[...] = _to_host(d_out)
-            return host_out
-        return out if out is not None else _device_result(d_out, dtype, table)
+            gpu_staging.raise_if_bad(int(_to_host(bad_position)[0]), batch * length, error_at)
+        return staged.result()
 
     args = (d_words, d_ids, bool(mask_zero), d_out, bad_position)
+    return PreparedCall(_launcher(kernel, config, args), finish)
+
+
+class _Staged:
+    """A call's table and output on the device: the table as words (a view of a device
+    table, or a copy of a host one), the output (the caller's, a device copy of a host
+    one, which keeps what the caller put there, or a new one), and ``result()``, which
+    copies a host output back and gives what the caller gets."""
+
+    def __init__(self, table, shape, out):
+        from numba import cuda
+        self.table, self.out, self._cuda = table, out, cuda
+        dtype = self.dtype = np.dtype(table.dtype)
+        self.table_on_device = _on_device(table)
+        fmt, dim = table_format(dtype), table.shape[1]
+        self.elements = elements = element_dtype(dtype)
+        # Table -> words: a view of the same bytes, loaded word_bytes at a time.
+        if self.table_on_device:
+            d_table = DeviceBuffer.of(table).view(elements)
+            contiguous = d_table.c_contiguous
+            address = d_table.pointer if contiguous else 1
+        else:
+            host_table = np.ascontiguousarray(table).view(elements)
+            contiguous, address = True, 0  # a fresh device allocation is 256-byte aligned
+        self.word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, address, MAX_WORD_BYTES[fmt]) \
+            if contiguous else dtype.itemsize
+        self.word = word_dtype(fmt, self.word_bytes, dtype.itemsize)
+        self.d_words = d_table.view(self.word) if self.table_on_device else \
+            self.to_device(host_table.view(self.word))
+        self.host_out = None
+        if out is None:
+            self.d_out = _device_empty(shape, elements)
+            if not self.table_on_device:
+                self.host_out = np.empty(shape, dtype)
+        elif _on_device(out):
+            self.d_out = DeviceBuffer.of(out).view(elements)
+        else:
+            self.host_out = out
+            self.d_out = self.to_device(out.view(elements))
+
+    def to_device(self, host):
+        return _as_argument(self._cuda.to_device(np.ascontiguousarray(host)))
+
+    def result(self):
+        if self.host_out is not None:
+            self.host_out.view(self.elements)[...] = _to_host(self.d_out)
+            return self.host_out
+        return self.out if self.out is not None else _device_result(self.d_out, self.dtype, self.table)
+
+
+def _launcher(kernel, config, args):
+    """The launch: Numba's dispatcher under the simulator (or when DIRECT_LAUNCH is off), else direct."""
     if cuda_simulated() or not DIRECT_LAUNCH:
-        return PreparedCall(lambda: kernel[config.grid, config.block](*args), finish)
-    return PreparedCall(_direct_launch(kernel, config, args), finish)
+        return lambda: kernel[config.grid, config.block](*args)
+    return _direct_launch(kernel, config, args)
+
+
+def prepare_bags(table, values, offsets, weights, pooling, out=None,
+                 bounds_check=BoundsCheck.RAISE) -> PreparedCall:
+    """The CSR bags kernel (kernels/cuda_bags.py) staged like ``prepare``: table [V][D],
+    values [N] int32/int64, offsets [B + 1] int64, weights None or [N] float32 (host or
+    device), pooling a spec.Pooling; out None or [B][D] of the table's dtype."""
+    from .. import bags as bags_module
+    from ..kernels import cuda_bags
+    batch = offsets.shape[0] - 1
+    vocab, dim = table.shape
+    dtype = np.dtype(table.dtype)
+    shape = (batch, dim)
+    if batch == 0:
+        if out is None:
+            out = np.empty(shape, dtype) if not _on_device(table) else \
+                _device_result(_device_empty(shape, element_dtype(dtype)), dtype, table)
+        return PreparedCall(None, lambda: out)
+    staged = _Staged(table, shape, out)
+    on_device = [_on_device(a) for a in (values, offsets)]
+    d_values = DeviceBuffer.of(values) if on_device[0] else staged.to_device(values)
+    d_offsets = DeviceBuffer.of(offsets) if on_device[1] else staged.to_device(np.asarray(offsets, np.int64))
+    weighted = weights is not None
+    d_weights = (DeviceBuffer.of(weights) if _on_device(weights) else staged.to_device(weights)) if weighted \
+        else staged.to_device(np.zeros(1, np.float32))
+    bad_position = _error_flag()
+    config = launch.gpu_launch(Axis.SEQUENCE, batch, 1, dim, dtype.itemsize, staged.word_bytes)
+    code = {"mean": cuda_bags.POOLING_MEAN, "sum": cuda_bags.POOLING_SUM, "sqrtn": cuda_bags.POOLING_SQRTN}
+    kernel = cuda_bags.make_gather_bags(table_format(dtype), staged.word.str, config.lanes,
+                                        config.words_per_lane, config.rows_in_flight,
+                                        code[pooling.value], weighted)
+    positions = int(values.shape[0])
+
+    def error_at(position):  # only on the error path: device ids cost a copy back
+        host_values = _to_host(d_values) if on_device[0] else values
+        host_offsets = _to_host(d_offsets) if on_device[1] else offsets
+        return bags_module.bag_out_of_range_error(host_values, host_offsets, position, vocab)
+
+    def finish():
+        if bounds_check is BoundsCheck.DEFERRED:
+            gpu_staging.defer(_pending_check(bad_position, positions, error_at))
+        else:
+            gpu_staging.raise_if_bad(int(_to_host(bad_position)[0]), positions, error_at)
+        return staged.result()
+
+    args = (staged.d_words, d_values, d_offsets, d_weights, staged.d_out, bad_position)
+    return PreparedCall(_launcher(kernel, config, args), finish)
+
+
+def embedding_bag(table, values, offsets, weights, pooling, out=None, bounds_check=BoundsCheck.RAISE):
+    """CSR bags: table [V][D], values [N], offsets [B + 1], weights None or [N] float32 -> [B][D]."""
+    gpu_staging.raise_finished()
+    call = prepare_bags(table, values, offsets, weights, pooling, out, bounds_check)
+    call.launch()
+    return call.finish()
 
 
 def embedding_mean(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAISE):
@@ -363,7 +442,7 @@ def _new_host_slot():
 _host_slots = gpu_staging.HostSlots(_new_host_slot)
 
 
-def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingCheck:
+def _pending_check(flag, positions, error_at) -> gpu_staging.PendingCheck:
     """The error flag's copy to a pinned host slot, queued after the kernel on the same
     (legacy default) stream, with an event after it: nothing waits here."""
     from numba import cuda
@@ -385,7 +464,7 @@ def _pending_check(flag, id_at, batch, length, vocab) -> gpu_staging.PendingChec
         event = cuda.event() if simulated else cuda.event(timing=False)
         event.record(stream)
         done = (lambda: True) if simulated else event.query
-    return gpu_staging.PendingCheck(slot, done, event.synchronize, id_at, batch, length, vocab,
+    return gpu_staging.PendingCheck(slot, done, event.synchronize, positions, error_at,
                                     release=lambda: _host_slots.give_back(slot))
 
 

@@ -1,0 +1,70 @@
+"""The numba-cuda CSR bags kernel against the float64 reference (the CUDA simulator here).
+
+Poisoned outputs; every combiner, weighted and not (negative and zero weights), empty
+bags, the three table dtypes, both id dtypes, D past a word boundary; the bad-id error
+raised at once and deferred.
+"""
+import numpy as np
+import pytest
+
+import fused_embedding as fe
+from fused_embedding import conformance
+from fused_embedding.backends import gpu_staging
+from fused_embedding.reference import embedding_bag_reference
+from fused_embedding.spec import BoundsCheck, Pooling
+from fused_embedding.validation import assert_close, poisoned, unwritten
+
+from test_gpu_simulator import requires_numba_cuda
+
+pytestmark = requires_numba_cuda
+
+
+def numba_cuda():
+    from fused_embedding import backends
+    return backends.get("numba-cuda")
+
+
+def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted, max_length=6):
+    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
+    lengths = rng.integers(0, max_length + 1, size=batch)
+    lengths[0] = 0  # an empty bag: zeros
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.integers(0, vocab, size=int(offsets[-1])).astype(id_dtype)
+    weights = None
+    if weighted:
+        weights = rng.standard_normal(values.shape[0]).astype(np.float32)
+        weights[::5] = 0.0
+    return table, values, offsets, weights
+
+
+@pytest.mark.parametrize("table_dtype", conformance.TABLE_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("id_dtype", conformance.ID_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("dim", [1, 3, 16, 33])
+@pytest.mark.parametrize("pooling", list(Pooling), ids=lambda p: p.value)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_matches_reference(rng, table_dtype, id_dtype, dim, pooling, weighted):
+    table, values, offsets, weights = random_bags(rng, 40, dim, 5, table_dtype, id_dtype, weighted)
+    out = poisoned((5, dim), table_dtype)
+    assert numba_cuda().embedding_bag(table, values, offsets, weights, pooling, out=out) is out
+    assert not unwritten(out).any(), "the kernel left output elements unwritten"
+    np.testing.assert_array_equal(out[0].astype(np.float32), 0.0)
+    assert_close(out, embedding_bag_reference(table, values, offsets, weights, pooling.value), table_dtype)
+
+
+def test_no_bags_launch_nothing(rng):
+    table = rng.standard_normal((10, 4), dtype=np.float32)
+    out = numba_cuda().embedding_bag(table, np.zeros(0, np.int64), np.zeros(1, np.int64), None, Pooling.SUM)
+    assert out.shape == (0, 4)
+
+
+def test_bad_id_raises_at_once_or_deferred(rng):
+    table, values, offsets, _ = random_bags(rng, 40, 8, 6, np.float32, np.int64, False)
+    values[offsets[3]] = 40
+    first = int(offsets[3])
+    message = rf"id 40 at values\[{first}\] \(bag 3\) is out of range for a table of 40 rows"
+    with pytest.raises(IndexError, match=message):
+        numba_cuda().embedding_bag(table, values, offsets, None, Pooling.MEAN)
+    numba_cuda().embedding_bag(table, values, offsets, None, Pooling.MEAN, bounds_check=BoundsCheck.DEFERRED)
+    assert gpu_staging.pending_checks() == 1
+    with pytest.raises(IndexError, match=message + ".*deferred bounds check"):
+        fe.synchronize()
