@@ -19,10 +19,11 @@ from numba import cuda, float32, int64
 
 from ..launch import GPU_BLOCK_THREADS as BLOCK_THREADS
 from ..semantics import FORMAT_FLOAT32
+from ..spec import Pooling
 from .cuda import BUILT_KERNELS, _element_reader, _element_writer
 
-# The kernels' pooling codes (spec.Pooling, as numbers for device code).
-POOLING_MEAN, POOLING_SUM, POOLING_SQRTN = 0, 1, 2
+# The kernels' pooling codes: spec.Pooling's kernel_code, as device code compares them.
+POOLING_MEAN, POOLING_SUM, POOLING_SQRTN = (p.kernel_code for p in (Pooling.MEAN, Pooling.SUM, Pooling.SQRTN))
 
 
 @functools.lru_cache(maxsize=None)

@@ -231,3 +231,77 @@ __global__ void gather_mean_embedding(const void* __restrict__ table, const void
     if (in_range && lane == 0)
         F::store(out, position, row >= 0 ? total / (float)(n_words * F::E) : 0.f);
 }
+
+// CSR bags (gather_bags): bag b is values[offsets[b] .. offsets[b + 1]), each id's row scaled
+// by its weight (1 when unweighted) and the bag's sum divided by POOL's normaliser:
+// 0 mean (the weights' sum), 1 sum (1), 2 sqrtn (sqrt of the squared weights' sum); a zero
+// normaliser gives zeros, as TF's div_no_nan (an empty bag too). The layout of
+// gather_mean_sequence (a group of G lanes per bag, K words per lane, R rows in flight), but
+// every lane reads the bag's ids itself: bags differ in length, so no shuffle could span a
+// warp. A bad id lowers *bad_position (at least N on entry) to its position in values.
+// table [V][W] words, values [N] (IdT), offsets [B + 1], weights [N] (read when WEIGHTED),
+// out [B][D] (the table's format). grid (ceil(B / (blockDim.x / G)), ceil(W / (G * K))).
+template <int FMT, int WB, int G, int K, int R, int POOL, int WEIGHTED, typename IdT>
+__global__ void gather_bags(const void* __restrict__ table, const void* __restrict__ values_raw,
+                            const i64* __restrict__ offsets, const float* __restrict__ weights,
+                            i64 batch, i64 vocab, i64 n_words, void* __restrict__ out, i64* bad_position) {
+    typedef Format<FMT, WB> F;
+    typedef typename F::W W;
+    const W* __restrict__ words = static_cast<const W*>(table);
+    const IdT* __restrict__ values = static_cast<const IdT*>(values_raw);
+    const int lane = threadIdx.x % G;
+    const i64 b = (i64)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
+    if (b >= batch) return;  // no shuffles below: a lane may leave
+    const i64 first_word = (i64)blockIdx.y * (G * K) + lane;
+
+    float acc[K][F::E];
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int e = 0; e < F::E; ++e) acc[k][e] = 0.f;
+    float norm = 0.f;
+    const i64 end = offsets[b + 1];
+    for (i64 j = offsets[b]; j < end; j += R) {
+        i64 rows[R];
+        float scale[R];
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+            rows[u] = -1;
+            scale[u] = 0.f;
+            if (j + u < end) {
+                const i64 row = (i64)values[j + u];
+                if (row < 0 || row >= vocab) {
+                    atomicMin(bad_position, j + u);
+                } else {
+                    rows[u] = row;
+                    scale[u] = WEIGHTED ? weights[j + u] : 1.f;
+                    norm += POOL == 2 ? scale[u] * scale[u] : scale[u];
+                }
+            }
+        }
+        W w[R][K];
+#pragma unroll
+        for (int u = 0; u < R; ++u)
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const i64 c = first_word + (i64)k * G;
+                w[u][k] = (rows[u] >= 0 && c < n_words) ? words[rows[u] * n_words + c] : zero_word<WB>();
+            }
+#pragma unroll
+        for (int u = 0; u < R; ++u)
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int e = 0; e < F::E; ++e) acc[k][e] += scale[u] * F::element(w[u][k], e);
+    }
+    const float divisor = POOL == 1 ? 1.f : POOL == 2 ? sqrtf(norm) : norm;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const i64 c = first_word + (i64)k * G;
+        if (c < n_words) {
+#pragma unroll
+            for (int e = 0; e < F::E; ++e)
+                F::store(out, b * (n_words * F::E) + c * F::E + e, divisor != 0.f ? acc[k][e] / divisor : 0.f);
+        }
+    }
+}

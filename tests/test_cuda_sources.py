@@ -22,6 +22,7 @@ from fused_embedding import launch
 from fused_embedding.backends import cupy as cupy_backend
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16, Axis, output_shape, table_format
+from fused_embedding.spec import Pooling
 from fused_embedding.validation import assert_close, poisoned, random_inputs, unwritten
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
@@ -30,8 +31,13 @@ ARCHS = ["sm_80", "sm_90"]
 NVCC = shutil.which("nvcc")
 KERNEL_NAMES = sorted(set(cupy_backend.all_kernel_names(id_dtypes=[np.dtype(np.int64)]))
                       | set(cupy_backend.all_kernel_names(16, id_dtypes=[np.dtype(np.int32)])))
-# The kernels' one parameter list (see kernels/gather_mean.cu).
+# The dense kernels' one parameter list, and the bags kernel's (see kernels/gather_mean.cu).
 PARAMETERS = "const void*, const void*, long long, long long, long long, long long, int, void*, long long*"
+BAG_PARAMETERS = ("const void*, const void*, const long long*, const float*, long long, long long, long long, "
+                  "void*, long long*")
+# Bags: every launch shape in its heaviest variant (weighted sqrtn: one more load and a
+# square root per bag); the other five differ from it in a few scalar instructions.
+BAG_KERNEL_NAMES = cupy_backend.all_bag_kernel_names(variants=[(Pooling.SQRTN, True)])
 
 GXX = shutil.which("g++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: CUDA C sources cannot be compiled here")
@@ -42,6 +48,7 @@ def instantiations(source: Path) -> str:
     lines = [f'#include "{source}"']
     if source.name == cupy_backend.SOURCE_FILE:
         lines += [f"template __global__ void {name}({PARAMETERS});" for name in KERNEL_NAMES]
+        lines += [f"template __global__ void {name}({BAG_PARAMETERS});" for name in BAG_KERNEL_NAMES]
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +83,7 @@ def test_compiles_without_spills(ptxas_reports, source, arch):
     assert returncode == 0, f"nvcc failed for {source} on {arch}:\n{output[-4000:]}"
     functions = re.findall(r"Compiling entry function '(\w+)'", output)
     if source == cupy_backend.SOURCE_FILE:
-        assert len(functions) == len(KERNEL_NAMES), "not every instantiation was compiled"
+        assert len(functions) == len(KERNEL_NAMES) + len(BAG_KERNEL_NAMES), "not every instantiation was compiled"
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", output)
     assert len(spills) == len(functions)
     spilled = [(name, stores, loads) for name, (stores, loads) in zip(functions, spills)
@@ -91,6 +98,7 @@ def test_compiles_without_spills(ptxas_reports, source, arch):
 # (a barrier that times out instead of hanging, and says so, if lanes ever diverge).
 HOST_PRELUDE = r"""
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -206,6 +214,12 @@ def build_host_kernels(folder: Path, names) -> tuple:
     names = sorted(set(names))
     lines = [HOST_PRELUDE, f'#include "{KERNELS / cupy_backend.SOURCE_FILE}"']
     for index, name in enumerate(names):
+        if name.startswith("gather_bags"):
+            lines.append(f'extern "C" int run_{index}(unsigned gx, unsigned gy, unsigned block, const void* table, '
+                         f'const void* values, const long long* offsets, const float* weights, long long b, '
+                         f'long long v, long long w, void* out, long long* bad) {{ return launch_on_host({name}, '
+                         f'gx, gy, block, table, values, offsets, weights, b, v, w, out, bad); }}')
+            continue
         lines.append(f'extern "C" int run_{index}(unsigned gx, unsigned gy, unsigned block, const void* table, '
                      f'const void* ids, long long b, long long l, long long v, long long w, int mask, void* out, '
                      f'long long* bad) {{ return launch_on_host({name}, gx, gy, block, table, ids, b, l, v, w, '
@@ -217,9 +231,12 @@ def build_host_kernels(folder: Path, names) -> tuple:
                             "-o", str(library)], capture_output=True, text=True)
     assert build.returncode == 0, f"the kernels do not build as host C++:\n{build.stderr[-4000:]}"
     library = ctypes.CDLL(str(library))
-    for index in range(len(names)):
-        getattr(library, f"run_{index}").argtypes = [ctypes.c_uint] * 3 + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_longlong] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    for index, name in enumerate(names):
+        getattr(library, f"run_{index}").argtypes = (
+            [ctypes.c_uint] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 2
+            if name.startswith("gather_bags") else
+            [ctypes.c_uint] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_longlong] * 4
+            + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
     return library, {name: index for index, name in enumerate(names)}
 
 
@@ -275,3 +292,83 @@ def test_kernels_flag_the_first_bad_position_on_the_host(rng, host_kernels, tabl
     ids[4, 6] = 2**40
     _, bad = run_on_host(host_kernels, table, ids, axis, False)
     assert divmod(bad, 7) == (4, 5)
+
+
+# --- CSR bags ----------------------------------------------------------------------------
+# (table dtype, id dtype, (V, D, B), pooling, weighted, element offset of the table)
+BAG_CASES = [
+    (np.float32, np.int64, (40, 1, 5), Pooling.MEAN, False, 0),
+    (np.float32, np.int32, (60, 16, 7), Pooling.SQRTN, True, 0),
+    (np.float32, np.int64, (300, 128, 9), Pooling.SUM, True, 1),
+    (np.float16, np.int64, (300, 128, 6), Pooling.MEAN, True, 0),
+    (np.float16, np.int32, (50, 33, 4), Pooling.SQRTN, False, 0),
+    (BFLOAT16, np.int64, (70, 512, 3), Pooling.SUM, False, 0),
+    (BFLOAT16, np.int64, (40, 2, 5), Pooling.MEAN, True, 2),
+]
+
+
+def bag_launch(table_dtype, id_dtype, shape, pooling, weighted, offset):
+    vocab, dim, batch = shape
+    item = np.dtype(table_dtype).itemsize
+    word = launch.gpu_word_bytes(dim, item, offset * item, cupy_backend.MAX_WORD_BYTES)
+    config = launch.gpu_launch(Axis.SEQUENCE, batch, 1, dim, item, word)
+    return cupy_backend.bag_kernel_name(table_format(table_dtype), config, pooling, weighted, id_dtype), config
+
+
+@pytest.fixture(scope="module")
+def host_bag_kernels(tmp_path_factory):
+    return build_host_kernels(tmp_path_factory.mktemp("host_bag_kernels"),
+                              [bag_launch(*case)[0] for case in BAG_CASES])
+
+
+def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted):
+    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
+    lengths = rng.integers(0, 7, size=batch)
+    lengths[0] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.integers(0, vocab, size=int(offsets[-1])).astype(id_dtype)
+    weights = rng.standard_normal(values.shape[0]).astype(np.float32) if weighted else None
+    return table, values, offsets, weights
+
+
+def run_bags_on_host(host_bag_kernels, case, table, values, offsets, weights):
+    library, entry = host_bag_kernels
+    table_dtype, id_dtype, (vocab, dim, batch), pooling, weighted, offset = case
+    name, config = bag_launch(*case)
+    elements = np.uint16 if np.dtype(table_dtype).itemsize == 2 else np.float32
+    buffer = np.zeros(vocab * dim + offset + 16, dtype=elements)
+    start = (-buffer.ctypes.data % 16) // buffer.itemsize + offset
+    placed = buffer[start:start + vocab * dim].reshape(vocab, dim)
+    placed[...] = table.view(elements)
+    out = poisoned((batch, dim), table_dtype)
+    bad = np.array([values.shape[0]], dtype=np.int64)
+    weights_buffer = weights if weights is not None else np.zeros(1, np.float32)
+    grid = tuple(config.grid) + (1,) * (2 - len(config.grid))
+    diverged = getattr(library, f"run_{entry[name]}")(
+        grid[0], grid[1], config.block, placed.ctypes.data, values.ctypes.data, offsets.ctypes.data,
+        weights_buffer.ctypes.data, batch, vocab, config.words_per_row, out.ctypes.data, bad.ctypes.data)
+    assert diverged == 0
+    return out, int(bad[0])
+
+
+@pytest.mark.parametrize("case", BAG_CASES, ids=lambda c: f"{np.dtype(c[0]).name}-{np.dtype(c[1]).name}-"
+                                                          f"D{c[2][1]}-{c[3].value}-w{int(c[4])}-off{c[5]}")
+def test_bag_kernel_computes_the_op_on_the_host(rng, host_bag_kernels, case):
+    from fused_embedding.reference import embedding_bag_reference
+    table_dtype, id_dtype, (vocab, dim, batch), pooling, weighted, _ = case
+    table, values, offsets, weights = random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted)
+    out, bad = run_bags_on_host(host_bag_kernels, case, table, values, offsets, weights)
+    assert bad == values.shape[0], f"no id is out of range, yet the kernel flagged position {bad}"
+    assert not unwritten(out).any(), "output elements left unwritten"
+    assert_close(out, embedding_bag_reference(table, values, offsets, weights, pooling.value), table_dtype)
+
+
+def test_bag_kernel_flags_the_first_bad_position_on_the_host(rng, host_bag_kernels):
+    case = BAG_CASES[2]
+    table_dtype, id_dtype, (vocab, dim, batch), pooling, weighted, _ = case
+    table, values, offsets, weights = random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted)
+    values = np.concatenate([values, [vocab, -1, 2**40]]).astype(id_dtype)
+    weights = np.concatenate([weights, np.ones(3, np.float32)])
+    offsets[-1] = values.shape[0]
+    _, bad = run_bags_on_host(host_bag_kernels, case, table, values, offsets, weights)
+    assert bad == values.shape[0] - 3

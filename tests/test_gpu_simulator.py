@@ -16,6 +16,8 @@ import fused_embedding as fe
 from fused_embedding import backends, conformance, launch
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16, Axis
+from fused_embedding.spec import Pooling
+from fused_embedding.validation import poisoned
 from fused_embedding.validation import assert_close, random_inputs, unwritten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,13 +359,19 @@ STAND_IN_CASES = [
 ]
 
 
+# (table dtype, id dtype, (V, D, B), pooling, weighted, 0): what the cupy backend's bags path stages.
+STAND_IN_BAG_CASES = [(np.float32, np.int64, (60, 16, 7), Pooling.SQRTN, True, 0),
+                      (BFLOAT16, np.int32, (50, 33, 4), Pooling.MEAN, False, 0)]
+
+
 @pytest.fixture
 def stand_in_cupy(tmp_path, monkeypatch):
-    from test_cuda_sources import build_host_kernels, emulated_launch
+    from test_cuda_sources import bag_launch, build_host_kernels, emulated_launch
 
     from fused_embedding.backends import cupy as cupy_backend
     names = [emulated_launch(t, i, s, a, 0)[0] for t, i, s, a, _, _ in STAND_IN_CASES]
     names += [emulated_launch(np.float32, np.int64, (50, 4, 6, 7), axis, 0)[0] for axis in (1, 2)]
+    names += [bag_launch(*case)[0] for case in STAND_IN_BAG_CASES]
     library, entries = build_host_kernels(tmp_path, names)
     monkeypatch.setitem(sys.modules, "cupy", cupy_stand_in(library, entries))
     cupy_backend._kernel.cache_clear()
@@ -389,6 +397,22 @@ def test_cupy_backend_host_code(rng, stand_in_cupy, table_dtype, id_dtype, shape
         out = conformance.run_poisoned(stand_in_cupy, table, ids, axis, mask_zero)
     assert not unwritten(out).any()
     assert_close(out, expected, table_dtype)
+
+
+@pytest.mark.parametrize("case", STAND_IN_BAG_CASES, ids=lambda c: f"{np.dtype(c[0]).name}-{c[3].value}")
+def test_cupy_backend_bags_host_code(rng, stand_in_cupy, case):
+    from test_cuda_sources import random_bags
+
+    from fused_embedding.reference import embedding_bag_reference
+    table_dtype, id_dtype, (vocab, dim, batch), pooling, weighted, _ = case
+    table, values, offsets, weights = random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted)
+    out = poisoned((batch, dim), table_dtype)
+    assert stand_in_cupy.embedding_bag(table, values, offsets, weights, pooling, out=out) is out
+    assert not unwritten(out).any()
+    assert_close(out, embedding_bag_reference(table, values, offsets, weights, pooling.value), table_dtype)
+    values[int(offsets[2])] = vocab
+    with pytest.raises(IndexError, match=rf"id {vocab} at values\[{int(offsets[2])}\] \(bag 2\)"):
+        stand_in_cupy.embedding_bag(table, values, offsets, weights, pooling)
 
 
 @pytest.mark.parametrize("axis", [1, 2])

@@ -32,6 +32,11 @@ class Pooling(enum.Enum):
     SUM = "sum"      # weighted sum
     SQRTN = "sqrtn"  # weighted sum / sqrt(sum of squared weights) (unweighted: / sqrt(count))
 
+    @property
+    def kernel_code(self) -> int:
+        """The number the kernels (CPU, Numba CUDA, CUDA C) know this pooling by."""
+        return _POOLING_CODES[self]
+
     @classmethod
     def of(cls, value) -> "Pooling":
         if isinstance(value, cls):
@@ -40,6 +45,9 @@ class Pooling(enum.Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"combiner must be one of {[p.value for p in cls]}, got {value!r}") from None
+
+
+_POOLING_CODES = {Pooling.MEAN: 0, Pooling.SUM: 1, Pooling.SQRTN: 2}
 
 
 class TableFormat(enum.Enum):

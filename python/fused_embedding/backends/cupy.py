@@ -63,6 +63,13 @@ def kernel_name(axis: Axis, fmt: int, config: launch.GpuLaunch, id_dtype) -> str
     return f"gather_mean_embedding<{fmt}, {config.word_bytes}, {config.lanes}, {id_type}>"
 
 
+def bag_kernel_name(fmt: int, config: launch.GpuLaunch, pooling, weighted: bool, id_dtype) -> str:
+    """The CSR bags instantiation, e.g. ``gather_bags<0, 16, 32, 1, 4, 0, 1, long long>``."""
+    return (f"gather_bags<{fmt}, {config.word_bytes}, {config.lanes}, {config.words_per_lane}, "
+            f"{config.rows_in_flight}, {pooling.kernel_code}, {int(bool(weighted))}, "
+            f"{ID_TYPE_NAMES[np.dtype(id_dtype)]}>")
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(device_id: int, fmt: int, id_dtype: str, name: str):
     """The compiled kernel ``name`` on one device, compiled once (NVRTC) and memoised."""
@@ -192,6 +199,107 @@ def embedding_mean(table, ids, axis, mask_zero, out=None, bounds_check=BoundsChe
     call = prepare(table, ids, axis, mask_zero, out, bounds_check)
     call.launch()
     return call.finish()
+
+
+def prepare_bags(table, values, offsets, weights, pooling, out=None,
+                 bounds_check=BoundsCheck.RAISE) -> PreparedCall:
+    """The CSR bags kernel staged like ``prepare``: table [V][D], values [N] int32/int64,
+    offsets [B + 1], weights None or [N] float32 (host or device); out None or [B][D]."""
+    import cupy
+
+    from .. import bags as bags_module
+    from ..api import device_of
+    table_on_device = device_of(table) == "cuda"
+    batch = offsets.shape[0] - 1
+    vocab, dim = table.shape
+    dtype = np.dtype(table.dtype)
+    elements = _element_dtype(dtype)
+    if batch == 0:
+        if out is None:
+            out = cupy.empty((0, dim), elements) if table_on_device else np.empty((0, dim), dtype)
+        return PreparedCall(None, lambda: out)
+    if table_on_device:
+        d_table = _as_cupy(table)
+        if d_table.dtype != elements:
+            d_table = d_table.view(elements)
+        if not d_table.flags.c_contiguous:
+            raise ValueError("the cupy backend needs a C-contiguous table on the GPU "
+                             "(the table is never copied); use numba-cuda or make it contiguous")
+    else:
+        d_table = cupy.asarray(np.ascontiguousarray(table).view(elements))
+
+    def on_device(array, dtype=None):  # host arrays are copied over (small: ids, offsets, weights)
+        if device_of(array) == "cuda":
+            array = cupy.ascontiguousarray(_as_cupy(array))
+            return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+        return cupy.asarray(np.ascontiguousarray(array, dtype=dtype))
+    d_values = on_device(values)
+    d_offsets = on_device(offsets, np.int64)
+    weighted = weights is not None
+    d_weights = on_device(weights, np.float32) if weighted else cupy.empty(1, np.float32)
+    host_out = None
+    if out is None:
+        d_out = cupy.empty((batch, dim), elements)
+        if not table_on_device:
+            host_out = np.empty((batch, dim), dtype)
+    elif device_of(out) == "cuda":
+        d_out = _as_cupy(out)
+        if d_out.dtype != elements:
+            d_out = d_out.view(elements)
+    else:
+        host_out = out
+        d_out = cupy.asarray(out.view(elements))  # keeps what the caller put there (poison)
+    bad_position = cupy.empty(1, dtype=cupy.int64)
+    bad_position.data.memset_async(NO_BAD_POSITION_BYTE, 8)
+    word_bytes = launch.gpu_word_bytes(dim, dtype.itemsize, d_table.data.ptr, MAX_WORD_BYTES)
+    config = launch.gpu_launch(Axis.SEQUENCE, batch, 1, dim, dtype.itemsize, word_bytes)
+    name = bag_kernel_name(table_format(dtype), config, pooling, weighted, d_values.dtype)
+    kernel = _kernel(cupy.cuda.Device().id, table_format(dtype), d_values.dtype.str, name)
+    args = (d_table, d_values, d_offsets, d_weights, np.int64(batch), np.int64(vocab),
+            np.int64(config.words_per_row), d_out, bad_position)
+    positions = int(values.shape[0])
+
+    def error_at(position):  # only on the error path
+        return bags_module.bag_out_of_range_error(d_values.get(), d_offsets.get(), position, vocab)
+
+    def finish():
+        if bounds_check is BoundsCheck.DEFERRED:
+            gpu_staging.defer(_pending_check(bad_position, positions, error_at))
+        else:
+            gpu_staging.raise_if_bad(int(bad_position.get()[0]), positions, error_at)
+        if host_out is not None:
+            d_out.get(out=host_out.view(elements))
+            return host_out
+        return out if out is not None else d_out
+
+    return PreparedCall(lambda: kernel(config.grid, (config.block,), args), finish)
+
+
+def embedding_bag(table, values, offsets, weights, pooling, out=None, bounds_check=BoundsCheck.RAISE):
+    """CSR bags: table [V][D], values [N], offsets [B + 1], weights None or [N] float32 -> [B][D]."""
+    gpu_staging.raise_finished()
+    call = prepare_bags(table, values, offsets, weights, pooling, out, bounds_check)
+    call.launch()
+    return call.finish()
+
+
+def all_bag_kernel_names(max_dim: int = 4096, id_dtypes=(np.dtype(np.int64),), variants=None) -> list[str]:
+    """Every CSR bags instantiation a launch with D <= max_dim can use: the axis-1 launch
+    shapes of ``all_kernel_names`` x ``variants``, (pooling, weighted) pairs (default: all six)."""
+    from ..spec import Pooling
+    variants = variants or [(pooling, weighted) for pooling in Pooling for weighted in (False, True)]
+    names = set()
+    for dtype, fmt in ((np.dtype(np.float32), 0), (np.dtype(np.float16), 1), (BFLOAT16, 2)):
+        item = dtype.itemsize
+        for dim in range(1, max_dim + 1):
+            word = item
+            while word <= MAX_WORD_BYTES and (dim * item) % word == 0:
+                config = launch.gpu_launch(Axis.SEQUENCE, 1, 1, dim, item, word)
+                for pooling, weighted in variants:
+                    for id_dtype in id_dtypes:
+                        names.add(bag_kernel_name(fmt, config, pooling, weighted, id_dtype))
+                word *= 2
+    return sorted(names)
 
 
 def all_kernel_names(max_dim: int = 4096, id_dtypes=tuple(ID_TYPE_NAMES)) -> list[str]:

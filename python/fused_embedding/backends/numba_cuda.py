@@ -344,10 +344,9 @@ def prepare_bags(table, values, offsets, weights, pooling, out=None,
         else staged.to_device(np.zeros(1, np.float32))
     bad_position = _error_flag()
     config = launch.gpu_launch(Axis.SEQUENCE, batch, 1, dim, dtype.itemsize, staged.word_bytes)
-    code = {"mean": cuda_bags.POOLING_MEAN, "sum": cuda_bags.POOLING_SUM, "sqrtn": cuda_bags.POOLING_SQRTN}
     kernel = cuda_bags.make_gather_bags(table_format(dtype), staged.word.str, config.lanes,
                                         config.words_per_lane, config.rows_in_flight,
-                                        code[pooling.value], weighted)
+                                        pooling.kernel_code, weighted)
     positions = int(values.shape[0])
 
     def error_at(position):  # only on the error path: device ids cost a copy back
