@@ -347,7 +347,7 @@ def run_validation(report, names, simulate):
     import fused_embedding as fe
     from fused_embedding import backends
     from fused_embedding.semantics import Axis, output_shape
-    from fused_embedding.validation import poisoned, random_inputs
+    from fused_embedding.validation import random_inputs
     report.say("\n== validation (poisoned outputs, float64 reference, per-dtype tolerances)")
     rng = np.random.default_rng()
     for name in names:
@@ -402,8 +402,62 @@ def run_validation(report, names, simulate):
                 except Exception as exc:
                     report.case(name, label, False, f"{type(exc).__name__}: {exc}")
         check_deferred_bounds(report, name, rng)
+        check_bags(report, name, module, rng, simulate)
         if not simulate:
             run_device_validation(report, name, module, rng)
+
+
+# (table dtype, D, B, weighted): CSR bags of random lengths (0 included) on host inputs.
+BAG_CASES_SIMULATED = [("float32", 3, 5, False), ("float16", 16, 4, True), ("bfloat16", 33, 3, True)]
+BAG_CASES = [("float32", 128, 300, False), ("float32", 128, 300, True), ("float16", 64, 257, True),
+             ("bfloat16", 512, 65, False), ("float32", 1, 64, True)]
+
+
+def random_bags(rng, vocab, dim, batch, dtype, weighted, mean_length=6):
+    import numpy as np
+    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(dtype)
+    lengths = rng.geometric(1 / mean_length, size=batch) - 1  # 0 included
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.integers(0, vocab, size=int(offsets[-1]))
+    weights = rng.standard_normal(values.shape[0]).astype(np.float32) if weighted else None
+    return table, values, offsets, weights
+
+
+def check_bags(report, name, module, rng, simulate):
+    """embedding_bag's CSR kernel: every combiner on poisoned outputs against the float64
+    reference, then a bad id named by its position and bag."""
+    from fused_embedding.reference import embedding_bag_reference
+    from fused_embedding.spec import Pooling
+    from fused_embedding.validation import compare, poisoned, tolerance, unwritten
+    for dtype_name, dim, batch, weighted in BAG_CASES_SIMULATED if simulate else BAG_CASES:
+        if dtype_name == "bfloat16" and not bfloat16_available():
+            continue
+        for pooling in Pooling:
+            label = f"bags {dtype_name} D={dim} B={batch} {pooling.value}{' weighted' if weighted else ''}"
+            try:
+                dtype = numpy_dtype(dtype_name)
+                table, values, offsets, weights = random_bags(rng, 1000, dim, batch, dtype, weighted)
+                out = poisoned((batch, dim), dtype)
+                module.embedding_bag(table, values, offsets, weights, pooling, out=out)
+                problem = ("output elements left unwritten" if unwritten(out).any() else
+                           compare(out, embedding_bag_reference(table, values, offsets, weights, pooling.value),
+                                   **tolerance(dtype)))
+                report.case(name, label, problem is None, problem or "")
+            except Exception as exc:
+                report.case(name, label, False, f"{type(exc).__name__}: {exc}")
+    label = "bags: bad id named with its position and bag"
+    try:
+        table, values, offsets, _ = random_bags(rng, 50, 8, 6, numpy_dtype("float32"), False, mean_length=3)
+        values = values.copy()
+        if values.size:
+            values[-1] = 50
+        module.embedding_bag(table, values, offsets, None, Pooling.MEAN)
+        report.case(name, label, not values.size, "no IndexError raised")
+    except IndexError as exc:
+        ok = str(exc).startswith(f"id 50 at values[{values.size - 1}] (bag ")
+        report.case(name, label, ok, "" if ok else f"message: {exc}")
+    except Exception as exc:
+        report.case(name, label, False, f"{type(exc).__name__}: {exc}")
 
 
 def check_deferred_bounds(report, name, rng):
@@ -574,6 +628,11 @@ def run_timings(report, deadline):
     header = f"{'config':<18} {'provider':<34} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'calls':>5}"
     report.say(header)
     report.say("-" * len(header))
+    try:
+        time_bags(report, timer, copy_gbs, torch)
+    except Exception as exc:
+        report.note(f"bags: stopped: {type(exc).__name__}: {exc}")
+    free_memory(torch, cupy)
     for config in TIMED_CONFIGS:
         if time.monotonic() > deadline:
             report.note(f"timing budget spent: {config[0]} and later configs skipped")
@@ -589,6 +648,58 @@ def run_timings(report, deadline):
             report.note(f"{config[0]}: stopped: {type(exc).__name__}: {exc}")
         free_memory(torch, cupy)
     return copy_gbs
+
+
+BAG_BATCH, BAG_MEAN_LENGTH, BAG_DIM = 65536, 32, 128
+
+
+def time_bags(report, timer, copy_gbs, torch):
+    """CSR bags at B=65536, geometric lengths of mean 32, D=128 float32, V_TIMED rows: each
+    backend's embedding_bag (mean, and sum with per-id weights) against torch's
+    embedding_bag with offsets (mode="mean"; mode="sum" with per_sample_weights)."""
+    import numpy as np
+
+    from fused_embedding import backends, bytes_model
+    from fused_embedding.spec import Pooling
+    if torch is None:
+        report.note("bags: torch missing: no device table to time on")
+        return
+    rng = np.random.default_rng()
+    lengths = rng.geometric(1 / BAG_MEAN_LENGTH, size=BAG_BATCH)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    weight = torch.randn(V_TIMED, BAG_DIM, device="cuda")
+    values = [torch.randint(0, V_TIMED, (n,), device="cuda") for _ in range(ID_SETS)]
+    t_offsets = torch.from_numpy(offsets).cuda()
+    per_sample = torch.rand(n, device="cuda")
+    table = DeviceTable(weight.data_ptr(), weight.shape, np.float32, weight)
+    d_values = [DeviceTable(v.data_ptr(), v.shape, np.int64, v) for v in values]
+    d_offsets = DeviceTable(t_offsets.data_ptr(), t_offsets.shape, np.int64, t_offsets)
+    d_weights = DeviceTable(per_sample.data_ptr(), per_sample.shape, np.float32, per_sample)
+    label = f"bags B={BAG_BATCH} mean L={BAG_MEAN_LENGTH}"
+
+    def record(provider, fn, weighted=False):
+        ms, calls = timer.measure(fn)
+        nbytes = bytes_model.bag_bytes(n, BAG_BATCH, BAG_DIM, np.float32, np.int64, weighted)
+        gbs = bytes_model.gb_per_s(nbytes, ms / 1e3)
+        report.data["timings"].append(dict(config=label, provider=provider, ms=ms, calls=calls, gbs=gbs,
+                                           pct_copy=100.0 * gbs / copy_gbs))
+        report.say(f"{label:<18} {provider:<34} {ms:8.3f} {gbs:7.0f} {100.0 * gbs / copy_gbs:6.0f}% {calls:5d}")
+
+    for name in ("numba-cuda", "cupy"):
+        if backends.unavailable_reason(name) is not None:
+            continue
+        module = backends.get(name)
+        record(f"{name} bags mean", lambda i: module.embedding_bag(table, d_values[i % ID_SETS], d_offsets,
+                                                                    None, Pooling.MEAN))
+        record(f"{name} bags sum weighted", lambda i: module.embedding_bag(
+            table, d_values[i % ID_SETS], d_offsets, d_weights, Pooling.SUM), weighted=True)
+    functional = torch.nn.functional
+    record("torch embedding_bag(offsets, mean)",
+           lambda i: functional.embedding_bag(values[i % ID_SETS], weight, t_offsets[:-1], mode="mean"))
+    record("torch embedding_bag(offsets, sum, w)",
+           lambda i: functional.embedding_bag(values[i % ID_SETS], weight, t_offsets[:-1], mode="sum",
+                                              per_sample_weights=per_sample), weighted=True)
 
 
 def call_breakdown(report, torch, cupy, cuda, config, calls=50):

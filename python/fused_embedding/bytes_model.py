@@ -25,6 +25,18 @@ def fused_bytes(batch: int, length: int, dim: int, table_dtype, id_dtype,
     return batch * length * id_bytes + batch * length * dim * item + out_elems * item
 
 
+def bag_bytes(values: int, batch: int, dim: int, table_dtype, id_dtype, weighted: bool,
+              offset_bytes: int = 8) -> int:
+    """Bytes read and written by one fused CSR bags call (embedding_bag).
+
+    values (N ids) + offsets (B + 1) + weights (N float32, when weighted) + gathered
+    rows (N*D) + output (B*D).
+    """
+    item = np.dtype(table_dtype).itemsize
+    return (values * np.dtype(id_dtype).itemsize + (batch + 1) * offset_bytes
+            + (values * 4 if weighted else 0) + values * dim * item + batch * dim * item)
+
+
 def copy_bytes(nbytes: int) -> int:
     """A copy of nbytes moves nbytes read plus nbytes written."""
     return 2 * nbytes
