@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 
 import fused_embedding.tf as fused_tf  # noqa: E402
 from fused_embedding.reference import embedding_bag_reference  # noqa: E402
-from fused_embedding.tf_bags import embedding_lookup_sparse, safe_embedding_lookup_sparse  # noqa: E402
+from fused_embedding.tf import embedding_lookup_sparse, safe_embedding_lookup_sparse  # noqa: E402
 from fused_embedding.validation import assert_close, assert_close_to_framework  # noqa: E402
 
 VOCAB, DIM = 300, 24

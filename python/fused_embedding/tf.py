@@ -424,3 +424,7 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
             return out, grad
 
         return fused(table)
+
+
+# TF's sparse lookups, fused (tf_bags.py, which reads this module's checks and forms).
+from .tf_bags import embedding_lookup_sparse, safe_embedding_lookup_sparse  # noqa: E402,F401
