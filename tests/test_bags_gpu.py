@@ -28,6 +28,7 @@ def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted, max_len
     table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
     lengths = rng.integers(0, max_length + 1, size=batch)
     lengths[0] = 0  # an empty bag: zeros
+    lengths[-1] = max(lengths[-1], 1)  # and at least one bag with ids
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = rng.integers(0, vocab, size=int(offsets[-1])).astype(id_dtype)
     weights = None
@@ -59,9 +60,10 @@ def test_no_bags_launch_nothing(rng):
 
 def test_bad_id_raises_at_once_or_deferred(rng):
     table, values, offsets, _ = random_bags(rng, 40, 8, 6, np.float32, np.int64, False)
-    values[offsets[3]] = 40
-    first = int(offsets[3])
-    message = rf"id 40 at values\[{first}\] \(bag 3\) is out of range for a table of 40 rows"
+    values = np.concatenate([values, [40]])  # a last bag of one bad id
+    offsets = np.concatenate([offsets, [values.shape[0]]])
+    first = values.shape[0] - 1
+    message = rf"id 40 at values\[{first}\] \(bag 6\) is out of range for a table of 40 rows"
     with pytest.raises(IndexError, match=message):
         numba_cuda().embedding_bag(table, values, offsets, None, Pooling.MEAN)
     numba_cuda().embedding_bag(table, values, offsets, None, Pooling.MEAN, bounds_check=BoundsCheck.DEFERRED)

@@ -324,7 +324,8 @@ def host_bag_kernels(tmp_path_factory):
 def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted):
     table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
     lengths = rng.integers(0, 7, size=batch)
-    lengths[0] = 0
+    lengths[0] = 0  # an empty bag: zeros
+    lengths[-1] = max(lengths[-1], 1)  # and at least one bag with ids
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = rng.integers(0, vocab, size=int(offsets[-1])).astype(id_dtype)
     weights = rng.standard_normal(values.shape[0]).astype(np.float32) if weighted else None
