@@ -1,8 +1,10 @@
-"""The ``fused-embedding`` command: ``bench`` (validate, then time every provider) and ``validate``.
+"""The ``fused-embedding`` command: ``bench`` (validate, then time every provider), ``validate``
+and ``build`` (compile ahead of first use: ``fused_embedding.build``).
 
     fused-embedding bench [--quick] [--device cpu|gpu|all] [--sizes "B,L,D[,V];..."]
                           [--dtypes fp32,fp16,bf16] [--axes 1,2] [--out DIR] [--results-md PATH]
     fused-embedding validate [--device cpu|gpu|all]
+    fused-embedding build [--cache-dir DIR]
 
 Also ``python -m fused_embedding ...``. The competitors come from
 ``fused_embedding.providers`` (shared with ``benchmarks/``), the traffic from
@@ -157,7 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="fused-embedding",
         description="Fused embedding lookup + mean pooling: benchmark and validate on this machine.")
     parser.add_argument("--version", action="version", version=f"fused-embedding {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{bench,validate}")
+    commands = parser.add_subparsers(dest="command", metavar="{bench,validate,build}")
     commands.required = True
 
     bench = commands.add_parser(
@@ -199,6 +201,19 @@ def make_parser() -> argparse.ArgumentParser:
                           help="which backends: cpu, gpu or all available (default)")
     validate.add_argument("--seed", type=int, help="seed for the random inputs (default: fresh)")
     validate.set_defaults(run=run_validate, subparser=validate)
+
+    build = commands.add_parser(
+        "build", help="compile the CPU kernels and build the TF op's library ahead of first use",
+        description="Compile every Numba CPU kernel signature the cpu backend launches into Numba's "
+                    "disk cache and build the TF op's compiled kernel (when TensorFlow is installed), "
+                    "so that a fresh process' first call compiles nothing (e.g. while an image is "
+                    "built). Says where each went and which environment variables a deployment "
+                    "sets to find them.")
+    build.add_argument("--cache-dir", metavar="DIR",
+                       help="write Numba's cache to DIR/numba and the TF library to DIR/tf-op (default: "
+                            "$NUMBA_CACHE_DIR or beside the kernels' sources, and "
+                            "$FUSED_EMBEDDING_CACHE_DIR or the user's cache folder)")
+    build.set_defaults(run=run_build, subparser=build)
     return parser
 
 
@@ -894,6 +909,19 @@ def run_validate(args, parser) -> int:
     failed = sum(bool(r["failures"]) for r in rows)
     print(f"\n{len(rows) - failed} of {len(rows)} checks passed" if rows else "\nnothing was checked")
     return 1 if failed or not rows else 0
+
+
+# ---------------------------------------------------------------------------
+# build
+
+
+def run_build(args, parser) -> int:
+    from . import build
+    if args.cache_dir is not None:
+        _check_writable(Path(args.cache_dir), parser, "--cache-dir", is_dir=True)
+        build.use_cache_dir(args.cache_dir)
+    print(f"fused-embedding {__version__} build on {cpu_model()}", flush=True)
+    return build.build(report=lambda line: print(line, flush=True))
 
 
 # ---------------------------------------------------------------------------

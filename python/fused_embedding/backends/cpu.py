@@ -106,6 +106,8 @@ _kernels = None  # kernels/cpu.py, imported (and so Numba) at the first call, th
 def _kernel_module():
     global _kernels
     if _kernels is None:
+        from ..build import announce_compiles
+        announce_compiles()  # one warning if Numba's disk cache lacks a kernel (fused-embedding build)
         from ..kernels import cpu
         _kernels = cpu
     return _kernels

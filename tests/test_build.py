@@ -1,0 +1,169 @@
+"""``fused-embedding build``: every cpu kernel compiled ahead, and the notice of a compile on
+first use, each checked in fresh processes on a Numba cache and a TF library folder of their own."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_embedding import build
+from fused_embedding.kernels import cpu, cpu_bags
+
+NOTICE = "Numba is compiling the cpu backend's kernels"
+TF_BUILD_WARNING = "building the TF op's compiled kernel"
+
+# One small call of the cpu backend per table format, id dtype and axis, on a fresh
+# process' cache; prints the kernels' cache misses.
+COLD_SCRIPT = """
+import json, sys
+import fused_embedding as fe
+from fused_embedding.kernels import cpu
+from fused_embedding.reference import embedding_mean_reference
+from fused_embedding.validation import assert_close, random_inputs
+rng = np.random.default_rng(int(sys.argv[1]))
+for dtype in (np.float32, np.float16):
+    table, ids = random_inputs(rng, 40, 8, 3, 5, dtype)
+    for _ in range(2):
+        assert_close(fe.embedding_mean(table, ids, axis=2, backend="cpu"),
+                     embedding_mean_reference(table, ids, 2), dtype)
+kernel = cpu.gather_mean_embedding_serial
+print(json.dumps(dict(misses=sum(kernel.stats.cache_misses.values()),
+                      hits=sum(kernel.stats.cache_hits.values()))))
+"""
+
+# After a build: every kind of call the cpu backend and the TF op make (table formats,
+# id dtypes, both axes, masks, writable and read-only inputs, frozen tables, serial and
+# parallel sizes, CSR bags with and without weights, the TF op in a graph), each against
+# the float64 reference; prints what Numba compiled and whether the TF op built anything.
+WARM_SCRIPT = """
+import json, sys
+import fused_embedding as fe
+from fused_embedding import build
+from fused_embedding.reference import embedding_bag_reference, embedding_mean_reference
+from fused_embedding.semantics import BFLOAT16
+from fused_embedding.validation import assert_close, random_inputs
+rng = np.random.default_rng(int(sys.argv[1]))
+
+def read_only(array):
+    array = array.copy()
+    array.setflags(write=False)
+    return array
+
+# A constant table, whose axis 2 reads cached row means: fe.frozen_table where the package
+# has it, else a read-only array (what the row-mean cache took for constant before it).
+frozen = getattr(fe, "frozen_table", read_only)
+
+for dtype in (np.float32, np.float16, BFLOAT16):
+    for id_dtype in (np.int32, np.int64):
+        # B*L*row bytes past launch.CPU_SERIAL_MAX_BYTES for the large size: the parallel entry points
+        for batch, length in ((3, 5), (512, 64)):
+            table, ids = random_inputs(rng, 50, 16, batch, length, dtype, id_dtype, padding_fraction=0.2)
+            for table_in, ids_in in ((table, ids), (read_only(table), ids), (table, read_only(ids)),
+                                     (read_only(table), read_only(ids)), (frozen(table), ids)):
+                for axis in (1, 2):
+                    for mask_zero in (False, True):
+                        expected = embedding_mean_reference(table, ids, axis, mask_zero)
+                        for _ in range(2):  # a frozen table's row means: built, then read
+                            assert_close(fe.embedding_mean(table_in, ids_in, axis=axis, mask_zero=mask_zero,
+                                                           backend="cpu"), expected, dtype)
+        for n_values in (7, 20000):
+            values = rng.integers(0, 50, n_values).astype(id_dtype)
+            offsets = np.sort(rng.integers(0, n_values + 1, 6))
+            offsets[0], offsets[-1] = 0, n_values
+            weights = rng.random(n_values, dtype=np.float32)
+            for ro in (False, True):
+                args = [read_only(a) if ro else a for a in (table, values, offsets, weights)]
+                for w in (None, args[3]):
+                    assert_close(fe.embedding_bag(args[0], args[1], args[2], weights=w, backend="cpu"),
+                                 embedding_bag_reference(table, values, offsets, weights if w is not None
+                                                         else None), dtype)
+
+import tensorflow as tf
+import fused_embedding.tf as fe_tf
+from fused_embedding import tf_compiled
+table, ids = random_inputs(rng, 50, 16, 4, 6, np.float32)
+op = tf.function(lambda t, i: fe_tf.embedding_mean(t, i))
+assert_close(op(tf.constant(table), tf.constant(ids)).numpy(), embedding_mean_reference(table, ids, 1),
+             np.float32)
+from fused_embedding.backends import cpu_cfunc
+misses = {d.py_func.__qualname__: sum(d.stats.cache_misses.values()) for d, _ in build.kernel_signatures()}
+print(json.dumps(dict(misses=misses, launcher_hits=cpu_cfunc.launch_sequence_mean.cache_hits,
+                      tf_op_reason=tf_compiled.unavailable_reason())))
+"""
+
+
+def _env(cache_root):
+    env = dict(os.environ)
+    env["NUMBA_CACHE_DIR"] = str(cache_root / "numba")
+    env["FUSED_EMBEDDING_CACHE_DIR"] = str(cache_root / "tf-op")
+    env.pop("FUSED_EMBEDDING_COMPILED_TF_OP", None)
+    return env
+
+
+def _run(script, env, seed, timeout=900):
+    done = subprocess.run([sys.executable, "-c", script, str(seed)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_each_parallel_kernel_and_its_serial_entry_point_are_built_for_the_same_signatures():
+    plan = dict(build.kernel_signatures())
+    pairs = [(parallel, serial) for parallel, serial in cpu.SERIAL.items()]
+    pairs.append((cpu_bags.embedding_bag, cpu_bags.embedding_bag_serial))
+    assert set(plan) == {kernel for pair in pairs for kernel in pair}
+    for parallel, serial in pairs:
+        assert plan[parallel] == plan[serial]
+        assert len(set(plan[parallel])) == len(plan[parallel]), "no signature twice"
+    # Both table element types (float32; uint16 bits of float16 / bfloat16) and id dtypes,
+    # writable and read-only, in the gather kernels.
+    tables_and_ids = {(str(sig[0].dtype), sig[0].mutable, str(sig[1].dtype), sig[1].mutable)
+                      for sig in plan[cpu.gather_mean_sequence]}
+    assert len(tables_and_ids) == 16
+
+
+@pytest.mark.slow
+def test_a_cold_cache_says_so_once_and_a_warm_one_says_nothing(tmp_path, rng):
+    seed = int(rng.integers(2**31))
+    cold, err = _run(COLD_SCRIPT, _env(tmp_path), seed)
+    assert cold["misses"] >= 1, "the fresh cache held the kernel already"
+    assert err.count(NOTICE) == 1, err[-3000:]
+    assert "fused-embedding build" in err.split(NOTICE, 1)[1].splitlines()[0]
+    warm, err = _run(COLD_SCRIPT, _env(tmp_path), seed)
+    assert warm["misses"] == 0 and warm["hits"] >= 1
+    assert NOTICE not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(cache root, the build's stdout) of ``fused-embedding build --cache-dir`` run in a
+    fresh process on empty folders."""
+    root = tmp_path_factory.mktemp("build")
+    env = dict(os.environ)
+    for name in ("NUMBA_CACHE_DIR", "FUSED_EMBEDDING_CACHE_DIR", "FUSED_EMBEDDING_COMPILED_TF_OP"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "fused_embedding", "build", "--cache-dir", str(root)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root, done.stdout
+
+
+@pytest.mark.slow
+def test_build_says_where_it_wrote_and_what_a_deployment_sets(built):
+    root, out = built
+    numba_dir, tf_dir = root.resolve() / "numba", root.resolve() / "tf-op"
+    assert f"in {numba_dir}" in out
+    assert f"verified against its digest, in {tf_dir}" in out
+    assert f"NUMBA_CACHE_DIR={numba_dir} FUSED_EMBEDDING_CACHE_DIR={tf_dir} set" in out
+    assert list(numba_dir.rglob("*.nbi")) and list(tf_dir.glob("*.so"))
+
+
+@pytest.mark.slow
+def test_after_build_a_fresh_process_compiles_nothing(built, rng):
+    root, _ = built
+    result, err = _run(WARM_SCRIPT, _env(root), int(rng.integers(2**31)))
+    assert result["misses"] == {name: 0 for name in result["misses"]}, result["misses"]
+    assert result["launcher_hits"] == 1, "the TF op's launcher was compiled, not loaded"
+    assert result["tf_op_reason"] is None
+    assert NOTICE not in err and TF_BUILD_WARNING not in err, err[-3000:]
