@@ -17,6 +17,7 @@ TF_BUILD_WARNING = "building the TF op's compiled kernel"
 # process' cache; prints the kernels' cache misses.
 COLD_SCRIPT = """
 import json, sys
+import numpy as np
 import fused_embedding as fe
 from fused_embedding.kernels import cpu
 from fused_embedding.reference import embedding_mean_reference
@@ -38,6 +39,7 @@ print(json.dumps(dict(misses=sum(kernel.stats.cache_misses.values()),
 # the float64 reference; prints what Numba compiled and whether the TF op built anything.
 WARM_SCRIPT = """
 import json, sys
+import numpy as np
 import fused_embedding as fe
 from fused_embedding import build
 from fused_embedding.reference import embedding_bag_reference, embedding_mean_reference
