@@ -52,9 +52,7 @@ def read_only(array):
     array.setflags(write=False)
     return array
 
-# A constant table, whose axis 2 reads cached row means: fe.frozen_table where the package
-# has it, else a read-only array (what the row-mean cache took for constant before it).
-frozen = getattr(fe, "frozen_table", read_only)
+frozen = fe.frozen_table  # a constant table: axis 2 reads cached row means
 
 for dtype in (np.float32, np.float16, BFLOAT16):
     for id_dtype in (np.int32, np.int64):

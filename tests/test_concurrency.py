@@ -99,17 +99,17 @@ def test_core_op_from_8_threads(rng, schedule):
     assert not failures, failures[:3]
 
 
-@pytest.mark.parametrize("case_index, read_only", [(0, False), (1, True)],
-                         ids=["axis1-writable", "axis2-read-only"])
-def test_core_op_from_8_threads_shared_inputs(rng, case_index, read_only, schedule):
+@pytest.mark.parametrize("case_index, frozen", [(0, False), (1, True)],
+                         ids=["axis1-writable", "axis2-frozen"])
+def test_core_op_from_8_threads_shared_inputs(rng, case_index, frozen, schedule):
     """All threads on the same table and ids (the usual serving case).
 
-    A read-only table on axis 2 is the one the backend may cache row means for:
-    eight threads then race to build and read that cache.
+    A frozen table on axis 2 is the one the backend caches row means for: eight
+    threads then race to build and read that cache.
     """
     table, ids, axis, mask_zero, expected = thread_inputs(rng)[case_index]
-    if read_only:
-        table.setflags(write=False)
+    if frozen:
+        table = fe.frozen_table(table)
     failures = run_threads(
         lambda table, ids, axis, mask_zero: fe.embedding_mean(table, ids, axis=axis, mask_zero=mask_zero,
                                                               backend="cpu"),

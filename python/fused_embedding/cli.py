@@ -766,15 +766,16 @@ SIMULATOR_SHAPES = [(50, 3, 7, 5)]  # one OS thread per CUDA thread: keep it tin
 
 def _check_backend_reference(name, rng, simulator) -> list[dict]:
     """One row per table dtype: every shape, axis, id dtype and mask against the reference,
-    then axis 2 again on read-only tables (the cached row-mean path), then the bounds check."""
-    from .providers import DTYPE_NAMES, read_only_copy
+    then axis 2 again on frozen tables (the cached row-mean path), then the bounds check."""
+    from .providers import DTYPE_NAMES
+    from .row_mean_cache import frozen_table
     from .reference import embedding_mean_reference
     from .validation import compare, random_inputs, tolerance, unwritten
     module = backends.get(name)
     rows = []
     shapes = SIMULATOR_SHAPES if simulator else VALIDATE_SHAPES
     for check, axes, constant in (("reference", list(Axis), False),
-                                  ("reference, read-only table", [Axis.EMBEDDING], True)):
+                                  ("reference, frozen table", [Axis.EMBEDDING], True)):
         for dtype_key, dtype in DTYPE_NAMES.items():
             cases, failures = 0, []
             for vocab, dim, batch, length in shapes:
@@ -789,7 +790,7 @@ def _check_backend_reference(name, rng, simulator) -> list[dict]:
                             if mask_zero and length > 1:
                                 ids[0, :] = 0  # an all-padding bag: zeros, not NaN
                             if constant:
-                                table = read_only_copy(table)
+                                table = frozen_table(table)
                             expected = embedding_mean_reference(table, ids, axis, mask_zero)
                             try:
                                 # Twice: a cache is built on the first call and used on the second.

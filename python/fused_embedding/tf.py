@@ -32,7 +32,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from . import api, checks, tf_compiled
+from . import api, checks, row_mean_cache, tf_compiled
 from .backends import OUT_OF_RANGE_MESSAGE
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
@@ -189,18 +189,6 @@ def _uses_compiled_kernel(axis: Axis, backend) -> bool:
             and tf_compiled.op_module() is not None)
 
 
-def _read_only_view(array: np.ndarray) -> np.ndarray:
-    """The same buffer as an array whose every base is read-only.
-
-    numpy_function hands TF's tensors over as writable arrays on TF's buffers; marked
-    read-only like ``np.asarray(tensor)`` of an eager tensor, a table is one the axis-2
-    row-mean cache may keep (row_mean_cache.is_constant). Through bytes: NumPy can't
-    export a bfloat16 buffer as it is.
-    """
-    frozen = memoryview(array.reshape(-1).view(np.uint8)).toreadonly()
-    return np.frombuffer(frozen, dtype=array.dtype).reshape(array.shape)
-
-
 class _BadIdError(ValueError):
     """A bad id, raised from the op's Python bodies: numpy_function and py_function map a
     ValueError to InvalidArgumentError (what tf.gather raises for a bad id; an IndexError
@@ -208,25 +196,28 @@ class _BadIdError(ValueError):
     one while letting its argument errors through as they are."""
 
 
-def _run_core_on_host_arrays(table, ids, axis, mask_zero, backend):
-    """The numpy_function body: TF's buffers in as arrays, the core's result out."""
-    if axis is Axis.EMBEDDING:
-        table = _read_only_view(table)
+def _run_core_on_host_arrays(table, ids, axis, mask_zero, backend, site=row_mean_cache.ANONYMOUS_SITE):
+    """The numpy_function body: TF's buffers in as arrays, the core's result out.
+
+    ``site`` says where the table comes from, so that the axis-2 row-mean cache pins at
+    most one of its buffers (row_mean_cache.site_of)."""
     try:
-        return api._embedding_mean(table, ids, int(axis), mask_zero, backend, aligned_output=True)
+        with row_mean_cache.at_site(site):
+            return api._embedding_mean(table, ids, int(axis), mask_zero, backend, aligned_output=True)
     except IndexError as exc:
         raise _BadIdError(str(exc)) from exc
 
 
-def _run_core(table, ids, axis, mask_zero, backend):
+def _run_core(table, ids, axis, mask_zero, backend, site=row_mean_cache.ANONYMOUS_SITE):
     """The py_function body (and the eager op's): TF eager tensors in, the core op on TF's
-    buffers, a tensor out."""
+    buffers, a tensor out. ``site``: as for _run_core_on_host_arrays."""
     try:
         if _is_gpu_tensor(table):
             return _run_core_on_gpu(table, ids, axis, mask_zero, backend)
         # np.asarray shares the tensor's buffer; bfloat16 arrives as ml_dtypes.bfloat16.
-        return _host_result(api._embedding_mean(np.asarray(table), np.asarray(ids), int(axis),
-                                                mask_zero, backend, aligned_output=True))
+        with row_mean_cache.at_site(site):
+            return _host_result(api._embedding_mean(np.asarray(table), np.asarray(ids), int(axis),
+                                                    mask_zero, backend, aligned_output=True))
     except IndexError as exc:
         raise _BadIdError(str(exc)) from exc
 
@@ -378,6 +369,9 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     axis = api.normalize_axis(axis)
     if backend is not None:  # where the body runs later, a wrong name would only show then
         api.check_backend_name(backend)
+    # Axis 2's row-mean cache pins at most one buffer per source of tables (the variable
+    # or tensor given here), so stale copies can't pile up (row_mean_cache).
+    site = row_mean_cache.site_of(table) if axis is Axis.EMBEDDING else row_mean_cache.ANONYMOUS_SITE
     with tf.name_scope(name or "fused_embedding_mean"):
         table = tf.convert_to_tensor(table)
         ids = tf.convert_to_tensor(ids)
@@ -397,7 +391,7 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                 # raises what the graph op raises; argument errors (a backend, a table
                 # with no columns) stay ValueError / TypeError, as when a graph is built.
                 try:
-                    out = _run_core(table_value, ids, axis, mask_zero, backend)
+                    out = _run_core(table_value, ids, axis, mask_zero, backend, site)
                 except _BadIdError as exc:
                     raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
                 out = tf.convert_to_tensor(out, dtype=table_value.dtype)
@@ -411,11 +405,11 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                         out = tf_compiled.embedding_mean_sequence(table_value, ids, mask_zero)
                     elif on_host:
                         out = tf.numpy_function(
-                            lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend),
+                            lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend, site),
                             [table_value, ids], table_value.dtype, stateful=True)
                     else:
                         out = tf.py_function(
-                            lambda t, i: _run_core(t, i, axis, mask_zero, backend),
+                            lambda t, i: _run_core(t, i, axis, mask_zero, backend, site),
                             [table_value, ids], table_value.dtype)
             out.set_shape(out_shape)
 
