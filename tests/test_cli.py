@@ -233,3 +233,38 @@ def test_validate_fails_on_a_wrong_backend(capsys, monkeypatch):
     code, out, _ = run_main(["validate", "--device", "cpu", "--seed", "3"], capsys)
     assert code == 1
     assert "FAIL" in out and "elements differ" in out
+
+
+def test_the_bench_validates_and_times_tf_providers_without_retracing_warnings(rng):
+    """Every TF provider validated and prepared per case, axis and table dtype, as `bench`
+    does (one tf.function each): TF logs no "triggered tf.function retracing"."""
+    pytest.importorskip("tensorflow")
+    import logging
+
+    from fused_embedding import providers as P
+    from fused_embedding.validation import random_inputs
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    try:
+        tf_providers = [p for p in P.providers_for("cpu") if p.name in
+                        ("tf-op", "tf-unfused", "keras", "tf-lookup-sparse") and p.probe() is None]
+        assert len(tf_providers) == 4
+        for provider in tf_providers:
+            for axis in Axis:
+                for dtype in P.DTYPE_NAMES.values():
+                    if provider.supports(axis, dtype) is not None:
+                        continue
+                    assert P.validate_provider(provider, rng, axis, dtype) is None
+                    for batch, length in ((5, 3), (9, 4)):  # two timed cases, two id sets each
+                        table, ids = random_inputs(rng, 60, 8, batch, length, dtype)
+                        _, other = random_inputs(rng, 60, 8, batch, length, dtype)
+                        run = provider.prepare(P.Inputs(table, [ids, other], axis))
+                        for k in (0, 1, 0, 1):
+                            run(k)
+    finally:
+        tf_logger.removeHandler(handler)
+    retracing = [r.getMessage() for r in records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]

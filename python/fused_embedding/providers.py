@@ -353,26 +353,16 @@ def _fused_backend_provider(name: str) -> Provider:
         probe=probe, supports=_any_case, prepare=prepare)
 
 
-def read_only_copy(table: np.ndarray) -> np.ndarray:
-    """A copy of ``table`` that no write can reach: what a user does to declare a table constant.
-
-    The core then caches axis 2's per-row means (``fused_embedding.row_mean_cache``).
-    A copy, not a read-only view: the cache rightly drops an entry whenever the
-    same memory is seen writable, as it is by the other providers' calls.
-    """
-    frozen = np.array(table, copy=True)
-    frozen.setflags(write=False)
-    return frozen
-
-
 def _fused_constant_table_provider() -> Provider:
-    """The cpu backend on a read-only table: axis 2 from cached row means, as the TF op gets."""
+    """The cpu backend on a frozen table (``fused_embedding.frozen_table``): axis 2 from
+    cached row means, as the TF op gets on a constant or a variable it reads in place."""
 
     def prepare(inputs: Inputs):
         from .api import embedding_mean
-        key = ("read-only-table",)
+        from .row_mean_cache import frozen_table
+        key = ("frozen-table",)
         if key not in inputs.cache:
-            inputs.cache[key] = read_only_copy(inputs.table)
+            inputs.cache[key] = frozen_table(inputs.table)
         table, id_sets, axis = inputs.cache[key], inputs.id_sets, int(inputs.axis)
 
         def run(k):
@@ -384,8 +374,39 @@ def _fused_constant_table_provider() -> Provider:
 
     return Provider(
         name="fused[cpu]-const", device="cpu", exact=True,
-        description="fused_embedding.embedding_mean(backend='cpu') on a read-only (constant) table",
+        description="fused_embedding.embedding_mean(backend='cpu') on fused_embedding.frozen_table(table)",
         probe=lambda: backends.unavailable_reason("cpu"), supports=axis_2_only, prepare=prepare)
+
+
+def _tf_function(function, *bound):
+    """``tf.function(functools.partial(function, *bound))``: each prepared case gets its own,
+    traced once (its id sets share a shape and dtype).
+
+    A partial, not a closure, because TF's retracing warning counts traces per Python code
+    object, which every closure of one ``def`` or ``lambda`` shares: the bench's one function
+    per case, axis and dtype, each traced once, read as one function retraced at every call
+    ("5 out of the last 5 calls to <lambda> triggered tf.function retracing"). A partial has
+    no code object, so each function is counted alone, and one that did retrace would still
+    be reported.
+    """
+    return _tf().function(functools.partial(function, *bound))
+
+
+def _fused_tf_op(fe_tf, axis, table, ids):
+    return fe_tf.embedding_mean(table, ids, axis=axis)
+
+
+def _unfused_tf(axis, table, ids):
+    tf = _tf()
+    return tf.reduce_mean(tf.gather(table, ids), axis=axis)  # writes [B][L][D], reads it back
+
+
+def _keras_pooled(embedding, pooling, ids):
+    return pooling(embedding(ids))
+
+
+def _tf_sparse_mean(table, sparse_ids):
+    return _tf().nn.embedding_lookup_sparse(table, sparse_ids, None, combiner="mean")
 
 
 def _tf_op_provider() -> Provider:
@@ -403,12 +424,11 @@ def _tf_op_provider() -> Provider:
         return None
 
     def prepare(inputs: Inputs):
-        tf = _tf()
         fe_tf = importlib.import_module("fused_embedding.tf")
         axis = int(inputs.axis)
         table = _tf_table(inputs, "cpu")
         id_sets = _tf_ids(inputs, "cpu")
-        op = tf.function(lambda t, ids: fe_tf.embedding_mean(t, ids, axis=axis))
+        op = _tf_function(_fused_tf_op, fe_tf, axis)
 
         def run(k):
             return _tf_finish(op(table, id_sets[k]), "cpu")
@@ -426,10 +446,7 @@ def _tf_unfused_provider(device: str) -> Provider:
         axis = int(inputs.axis)
         table = _tf_table(inputs, device)
         id_sets = _tf_ids(inputs, device)
-
-        @tf.function
-        def unfused(t, ids):
-            return tf.reduce_mean(tf.gather(t, ids), axis=axis)  # writes [B][L][D], reads it back
+        unfused = _tf_function(_unfused_tf, axis)
 
         def run(k):
             with tf.device(_tf_device(device)):
@@ -444,7 +461,7 @@ def _tf_unfused_provider(device: str) -> Provider:
 
 def _keras_provider() -> Provider:
     def prepare(inputs: Inputs):
-        tf = _tf()
+        _tf()  # TensorFlow before Keras picks its backend
         import keras
         key = ("keras-embedding",)
         if key not in inputs.cache:
@@ -458,7 +475,7 @@ def _keras_provider() -> Provider:
         data_format = "channels_last" if inputs.axis is Axis.SEQUENCE else "channels_first"
         pooling = keras.layers.GlobalAveragePooling1D(data_format=data_format,
                                                       dtype=np.dtype(inputs.table.dtype).name)
-        model = tf.function(lambda ids: pooling(embedding(ids)))
+        model = _tf_function(_keras_pooled, embedding, pooling)
         id_sets = _tf_ids(inputs, "cpu")
 
         def run(k):
@@ -492,7 +509,7 @@ def _tf_sparse_provider() -> Provider:
         indices = tf.constant(np.stack([rows, cols], axis=1))
         sparse_sets = [tf.SparseTensor(indices, tf.constant(ids.reshape(-1).astype(np.int64)),
                                        (batch, length)) for ids in inputs.id_sets]
-        lookup = tf.function(lambda t, sp: tf.nn.embedding_lookup_sparse(t, sp, None, combiner="mean"))
+        lookup = _tf_function(_tf_sparse_mean)
 
         def run(k):
             return _tf_finish(lookup(table, sparse_sets[k]), "cpu")
