@@ -3,6 +3,7 @@ and ``build`` (compile ahead of first use: ``fused_embedding.build``).
 
     fused-embedding bench [--quick] [--device cpu|gpu|all] [--sizes "B,L,D[,V];..."]
                           [--dtypes fp32,fp16,bf16] [--axes 1,2] [--out DIR] [--results-md PATH]
+    fused-embedding bench --bags [--quick] [--sizes "B,L,D[,V];..."] [--out DIR] [--results-md PATH]
     fused-embedding validate [--device cpu|gpu|all]
     fused-embedding build [--cache-dir DIR]
 
@@ -91,8 +92,8 @@ BYTES_MODEL_TEXT = ("bytes = ids (B*L*id bytes) + gathered rows (B*L*D*item byte
 # Arguments
 
 
-def parse_sizes(text: str) -> list[tuple[int, int, int, int]]:
-    """ "B,L,D[,V];B,L,D[,V]..." -> [(B, L, D, V)]; V defaults to 1,000,000. Raises ValueError."""
+def parse_sizes(text: str, default_vocab: int = DEFAULT_VOCAB) -> list[tuple[int, int, int, int]]:
+    """ "B,L,D[,V];B,L,D[,V]..." -> [(B, L, D, V)]; V defaults to ``default_vocab``. Raises ValueError."""
     sizes = []
     for part in text.split(";"):
         part = part.strip()
@@ -111,7 +112,7 @@ def parse_sizes(text: str) -> list[tuple[int, int, int, int]]:
                 raise ValueError(f"size {part!r}: {name} must be >= 1, got {value}")
             values.append(value)
         if len(values) == 3:
-            values.append(DEFAULT_VOCAB)
+            values.append(default_vocab)
         sizes.append(tuple(values))
     if not sizes:
         raise ValueError(f"no sizes in {text!r}; expected e.g. '1024,64,128' or '1024,64,128,1000000;8,16,32'")
@@ -187,6 +188,13 @@ def make_parser() -> argparse.ArgumentParser:
                        help=f"folder for {RESULTS_JSON}, {RESULTS_PNG} and {RESULTS_MD} (default ./bench-results)")
     bench.add_argument("--results-md", metavar="PATH",
                        help="also rewrite this device's section of a RESULTS.md (e.g. benchmarks/RESULTS.md)")
+    bench.add_argument("--bags", action="store_true",
+                       help="time variable-length (CSR) bags instead: embedding_bag, the fused TF sparse "
+                            "drop-ins, TF's embedding_lookup_sparse (ragged) and safe_embedding_lookup_sparse "
+                            "(sparse), torch's embedding_bag, on B=4096 bags of geometric lengths (mean 32, "
+                            "<= 1,000), Zipf and uniform ids over V=2,000,000, D=64, 16 and 256 "
+                            "(--quick: D=64); --sizes then reads L as the mean bag length "
+                            "(V defaults to 2,000,000); --axes does not apply")
     bench.add_argument("--seed", type=int, help="seed for tables and ids (default: fresh)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=run_bench, subparser=bench)
@@ -347,6 +355,8 @@ def _check_writable(path: Path, parser, what: str, is_dir: bool) -> None:
 
 
 def run_bench(args, parser) -> int:
+    if args.bags:
+        return run_bench_bags(args, parser)
     from . import providers as P
     started = time.time()
     load_at_start = _load_average()
@@ -462,6 +472,27 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
         results.append(m)
         if bar is not None:
             bar.update(1)
+    _time_interleaved(runners, rng, repeats, case_seconds, n_sets)
+    nbytes = P.fused_bytes(case["batch"], case["length"], case["dim"], table.dtype, np.int32, axis)
+    for m, _, times in runners:
+        if m["status"] == "ok" and times:
+            stats = P.summarize(times)
+            gbs = P.gb_per_s(nbytes, stats["median_ms"] / 1e3)
+            m.update(stats, times_ms=[t * 1e3 for t in times], bytes=nbytes, gb_per_s=gbs,
+                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, read))
+    timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
+    baseline = next((timed[name] for name in P.BASELINES[case["device"]] if name in timed), None)
+    for m in timed.values():
+        m["baseline"] = baseline["provider"] if baseline else None
+        m["speedup_vs_unfused"] = baseline["median_ms"] / m["median_ms"] if baseline else None
+    return results
+
+
+def _time_interleaved(runners, rng, repeats, case_seconds, n_sets) -> None:
+    """Rounds of one call per (measurement, runner, times) in ``runners``, in a fresh random
+    order each round, set ``(2 + round) % n_sets`` (0 and 1 were the warm-up); each call's
+    seconds appended to its ``times``. Stops after ``repeats`` rounds, or once MIN_ROUNDS
+    have run and ``case_seconds`` have passed; a runner that raises is marked failed."""
     start = time.perf_counter()
     for rnd in range(repeats):
         for i in rng.permutation(len(runners)):
@@ -477,19 +508,6 @@ def _measure_case(P, providers, case, table, axis, cache, rng, repeats, case_sec
                 m.update(status="failed", note=f"{type(exc).__name__}: {exc}")
         if rnd + 1 >= MIN_ROUNDS and time.perf_counter() - start > case_seconds:
             break
-    nbytes = P.fused_bytes(case["batch"], case["length"], case["dim"], table.dtype, np.int32, axis)
-    for m, _, times in runners:
-        if m["status"] == "ok" and times:
-            stats = P.summarize(times)
-            gbs = P.gb_per_s(nbytes, stats["median_ms"] / 1e3)
-            m.update(stats, times_ms=[t * 1e3 for t in times], bytes=nbytes, gb_per_s=gbs,
-                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, read))
-    timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
-    baseline = next((timed[name] for name in P.BASELINES[case["device"]] if name in timed), None)
-    for m in timed.values():
-        m["baseline"] = baseline["provider"] if baseline else None
-        m["speedup_vs_unfused"] = baseline["median_ms"] / m["median_ms"] if baseline else None
-    return results
 
 
 def _percent_of(gb_per_s: float, baseline: dict) -> float | None:
@@ -643,11 +661,13 @@ def markdown_block(results, device) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(text: str | None, device: str, block: str, generator: str = MD_GENERATOR) -> str:
+def update_results_md(text: str | None, device: str, block: str, generator: str = MD_GENERATOR,
+                      heading: str | None = None) -> str:
     """``text`` with ``device``'s marked section replaced by ``block`` (created when missing).
 
     Everything outside the markers (the GPU results pasted by hand, notes) is kept.
-    ``generator``: the command the section's opening marker names as its source.
+    ``generator``: the command the section's opening marker names as its source; ``heading``:
+    the section's heading where it is created (default "## DEVICE").
     """
     begin = MD_BEGIN.format(device=device.upper(), generator=generator)
     end = MD_END.format(device=device.upper())
@@ -660,11 +680,11 @@ def update_results_md(text: str | None, device: str, block: str, generator: str 
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         return head + marked + tail
-    heading = f"## {device.upper()}\n"
+    heading = (heading or f"## {device.upper()}") + "\n"
     if heading in text:  # the section exists without markers: put them right under its heading
         head, tail = text.split(heading, 1)
         return head + heading + "\n" + marked + "\n\n" + tail.lstrip("\n")
-    return text.rstrip("\n") + f"\n\n## {device.upper()}\n\n{marked}\n"
+    return text.rstrip("\n") + f"\n\n{heading}\n{marked}\n"
 
 
 def plot(results, path: Path) -> None:
@@ -742,6 +762,8 @@ def _write_atomic(path: Path, write) -> None:
 
 def write_outputs(results, out: Path, results_md: Path | None) -> None:
     """results.json, results.png, results.md under ``out``; ``results_md`` updated when given."""
+    if results.get("kind") == "bags":
+        return _write_bag_outputs(results, out, results_md)
     devices = list(dict.fromkeys(m["device"] for m in results["measurements"])) or ["cpu"]
     blocks = {device: markdown_block(results, device) for device in devices}
     _write_atomic(out / RESULTS_JSON,
@@ -753,6 +775,373 @@ def write_outputs(results, out: Path, results_md: Path | None) -> None:
         text = results_md.read_text(encoding="utf-8") if results_md.exists() else None
         for device, block in blocks.items():
             text = update_results_md(text, device, block)
+        _write_atomic(results_md, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# bench --bags: variable-length (CSR) bags
+
+
+BAG_MD_GENERATOR = "fused-embedding bench --bags --results-md"
+BAG_MD_HEADING = "## CPU, variable-length bags (`bench --bags`)"
+BAG_BYTES_MODEL_TEXT = ("bytes = values (N*8, int64) + offsets ((B+1)*8) + weights (N*4, weighted "
+                        "providers only) + gathered rows (N*D*item bytes) + output (B*D items), "
+                        "fused_embedding.bytes_model.bag_bytes, N the mean over the bag sets (every "
+                        "provider gets the same bag lengths, its own ids)")
+
+
+def build_bag_cases(args, parser) -> list:
+    """The bags cases: the workload (providers.bag_cases), or --sizes read as B,L,D[,V] with L the
+    mean bag length, each with Zipf and uniform ids, in each of --dtypes (default fp32)."""
+    from . import providers as P
+    try:
+        dtypes = parse_choices(args.dtypes, list(P.DTYPE_NAMES), "--dtypes") if args.dtypes else ["fp32"]
+        sizes = parse_sizes(args.sizes, default_vocab=P.BAG_VOCAB) if args.sizes is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    if sizes is None:
+        dims = P.BAG_QUICK_DIMS if args.quick else P.BAG_DIMS
+        cases = [c for dtype in dtypes for c in P.bag_cases(dims=dims, dtype=dtype)]
+    else:
+        cases = [c for batch, length, dim, vocab in sizes for dtype in dtypes
+                 for c in P.bag_cases(dims=(dim,), batch=batch, mean_length=length, vocab=vocab, dtype=dtype)]
+    memory = _memory_bytes()
+    for case in cases:
+        table_bytes = case.vocab * case.dim * P.DTYPE_NAMES[case.dtype].itemsize
+        if table_bytes > memory // 4:
+            parser.error(f"bags {case.label}: the table needs {table_bytes / 2**30:.1f} GiB, more than a "
+                         f"quarter of this machine's {memory / 2**30:.1f} GiB (each framework may hold its own copy)")
+    return cases
+
+
+def _bag_case_fields(case) -> dict:
+    return dict(kind="bags", device="cpu", batch=case.batch, mean_length=case.mean_length,
+                max_length=case.max_length, dim=case.dim, vocab=case.vocab, ids=case.ids,
+                zipf_a=case.zipf_a if case.ids == "zipf" else None, dtype=case.dtype)
+
+
+def _bag_label(m: dict) -> str:
+    return (f"B={m['batch']} L~geom({m['mean_length']:g}) D={m['dim']} V={m['vocab']:,} "
+            f"{m['ids']} {m['dtype']}")
+
+
+def run_bench_bags(args, parser) -> int:
+    from . import providers as P
+    started = time.time()
+    load_at_start = _load_average()
+    _check_writable(Path(args.out), parser, "--out", is_dir=True)
+    if args.results_md:
+        _check_writable(Path(args.results_md), parser, "--results-md", is_dir=False)
+    cases = build_bag_cases(args, parser)
+    if args.device == "gpu":
+        parser.error("--bags times the host op and its TF drop-ins: --device gpu has no bags providers yet")
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else REPEATS)
+    case_seconds = QUICK_CASE_SECONDS if args.quick else CASE_SECONDS
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+
+    candidates = list(P.bag_providers())
+    skipped = [dict(provider=p.name, device=p.device, reason=p.unavailable_reason())
+               for p in candidates if p.unavailable_reason() is not None]
+    available = [p for p in candidates if p.unavailable_reason() is None]
+    dtypes = list(dict.fromkeys(c.dtype for c in cases))
+    bar = _progress(len(available) * (len(dtypes) + len(cases)),
+                    enabled=not args.no_progress and sys.stderr.isatty())
+    print(f"fused-embedding {__version__} bench --bags on {cpu_model()} ({os.cpu_count()} cores); "
+          f"seed {seed}", file=sys.stderr)
+    for s in skipped:
+        print(f"  skipped {s['provider']}: {s['reason']}", file=sys.stderr)
+
+    # Validate first: a provider that disagrees with the reference is not timed.
+    validation = []
+    for provider in available:
+        for dtype in dtypes:
+            try:
+                report = P.validate_bag_provider(provider, rng, P.DTYPE_NAMES[dtype])
+            except Exception as exc:
+                report = f"raised {type(exc).__name__}: {exc}"
+            validation.append(dict(provider=provider.name, device=provider.device, dtype=dtype,
+                                   combiner=provider.combiner, weighted=provider.weighted,
+                                   passed=report is None, report=report))
+            if report is not None:
+                print(f"  VALIDATION FAILED {provider.name} {dtype}:\n{report}", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+    failed = {(v["provider"], v["dtype"]) for v in validation if not v["passed"]}
+
+    copy, read = {}, {}
+    for baselines, measure in ((copy, P.measure_copy), (read, P.measure_read)):
+        try:
+            baselines["cpu"] = measure("cpu", repeats=20)
+        except Exception as exc:
+            baselines["cpu"] = dict(device="cpu", error=f"{type(exc).__name__}: {exc}", gb_per_s=None)
+
+    measurements = []
+    by_table: dict = {}  # one table (and row shuffle) per (V, D, dtype), shared by its cases
+    for case in cases:
+        by_table.setdefault((case.vocab, case.dim, case.dtype), []).append(case)
+    for (vocab, dim, dtype_key), table_cases in by_table.items():
+        table = P.random_table(rng, vocab, dim, P.DTYPE_NAMES[dtype_key])
+        permutation = rng.permutation(vocab)
+        cache: dict = {}
+        for case in table_cases:
+            if bar is not None:
+                bar.set_description(case.label)
+            measurements += _measure_bag_case(P, available, case, table, permutation, cache, rng, repeats,
+                                              case_seconds, failed, copy["cpu"], read["cpu"], bar)
+        del table, cache
+    if bar is not None:
+        bar.close()
+
+    results = dict(schema=SCHEMA_VERSION, kind="bags", command="fused-embedding " + " ".join(args.argv),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   duration_s=round(time.time() - started, 1), seed=seed, quick=bool(args.quick),
+                   machine=machine_info(), versions=versions(), bytes_model=BAG_BYTES_MODEL_TEXT,
+                   load_average=dict(start=load_at_start, end=_load_average()),
+                   copy=copy, read=read, skipped=skipped, validation=validation, measurements=measurements)
+    results["targets"] = bag_targets(results)
+    print(format_bag_table(results))
+    write_outputs(results, Path(args.out), Path(args.results_md) if args.results_md else None)
+    print(f"wrote {Path(args.out) / RESULTS_JSON}, {Path(args.out) / RESULTS_PNG}, "
+          f"{Path(args.out) / RESULTS_MD}" + (f" and {args.results_md}" if args.results_md else "")
+          + f" in {results['duration_s']:.0f} s", file=sys.stderr)
+    broken = [m for m in measurements if m["status"] == "failed"]
+    return 1 if failed or broken else 0
+
+
+def _measure_bag_case(P, providers, case, table, permutation, cache, rng, repeats, case_seconds, failed,
+                      copy, read, bar) -> list[dict]:
+    """Time every bags provider on one case, interleaved; one measurement dict per provider.
+
+    Every provider rotates among the same bag lengths (so the same N per set), each with
+    its own fresh ids and weights (so no call finds the rows another provider just read)."""
+    n_sets = P.bag_set_count(case)
+    lengths = [P.bag_lengths(rng, case) for _ in range(n_sets)]
+    results, runners = [], []
+    for provider in providers:
+        m = dict(_bag_case_fields(case), provider=provider.name, combiner=provider.combiner,
+                 weighted=provider.weighted, id_sets=n_sets, status="ok", note=None)
+        if (provider.name, case.dtype) in failed:
+            m.update(status="skipped", note="failed validation: not timed")
+        else:
+            inputs = P.BagInputs(table, P.random_bag_sets(rng, case, lengths, permutation), cache)
+            m["values"] = float(np.mean([s.values.size for s in inputs.bag_sets]))
+            m["bytes"] = int(round(np.mean([P.bag_set_bytes(s, case.dim, table.dtype, provider.weighted)
+                                            for s in inputs.bag_sets])))
+            try:
+                run = provider.prepare(inputs)
+                for k in range(2):  # warm-up: compilation, tracing, first touch
+                    run(k % n_sets)
+                runners.append((m, run, []))
+            except Exception as exc:
+                m.update(status="failed", note=f"{type(exc).__name__}: {exc}")
+        results.append(m)
+        if bar is not None:
+            bar.update(1)
+    _time_interleaved(runners, rng, repeats, case_seconds, n_sets)
+    for m, _, times in runners:
+        if m["status"] == "ok" and times:
+            stats = P.summarize(times)
+            gbs = P.gb_per_s(m["bytes"], stats["median_ms"] / 1e3)
+            m.update(stats, times_ms=[t * 1e3 for t in times], gb_per_s=gbs,
+                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, read))
+    timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
+    by_name = {p.name: p for p in providers}
+    for m in timed.values():
+        provider = by_name[m["provider"]]
+        base = timed.get(provider.baseline) if provider.baseline else None
+        m["baseline"] = provider.baseline if base else None
+        m["speedup"] = base["median_ms"] / m["median_ms"] if base else None
+        m["target"] = provider.target if base else None
+    return results
+
+
+def bag_targets(results) -> list[dict]:
+    """The issue's targets, judged on this run: each fused provider's ratio over its baseline
+    in each case, and the core op's % of read bandwidth on uniform ids."""
+    from .providers import BAG_READ_TARGET_PCT
+    targets = []
+    for m in results["measurements"]:
+        if m["status"] != "ok" or "median_ms" not in m:
+            continue
+        if m.get("target") is not None and m.get("speedup") is not None:
+            targets.append(dict(case=_bag_label(m), what=f"{m['provider']} over {m['baseline']}",
+                                target=m["target"], measured=m["speedup"], unit="x",
+                                met=m["speedup"] >= m["target"]))
+        if m["provider"] == "fused-bag[mean]" and m["ids"] == "uniform" and m.get("pct_of_read") is not None:
+            targets.append(dict(case=_bag_label(m), what="fused-bag[mean] % of read bandwidth",
+                                target=BAG_READ_TARGET_PCT, measured=m["pct_of_read"], unit="%",
+                                met=m["pct_of_read"] >= BAG_READ_TARGET_PCT))
+    return targets
+
+
+BAG_HEADER = ("provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "% read BW", "x baseline", "baseline")
+
+
+def _bag_rows(results):
+    """(case label, provider, ms, p20-p80, GB/s, % copy, % read, x baseline, baseline) per measurement."""
+    rows = []
+    for m in results["measurements"]:
+        if m["status"] != "ok" or "median_ms" not in m:
+            rows.append((_bag_label(m), m["provider"], m["status"], m["note"] or "", "", "", "", "", ""))
+            continue
+        rows.append((_bag_label(m), m["provider"], f"{m['median_ms']:.3f}", f"{m['p20_ms']:.3f}-{m['p80_ms']:.3f}",
+                     _num(m["gb_per_s"]), _num(m["pct_of_copy"]), _num(m["pct_of_read"]),
+                     _fmt(m.get("speedup"), ".2f"), m.get("baseline") or ""))
+    return rows
+
+
+def _target_lines(results) -> list[str]:
+    lines = []
+    for t in results["targets"]:
+        measured = f"{t['measured']:.2f}x" if t["unit"] == "x" else f"{t['measured']:.0f}%"
+        goal = f">= {t['target']:g}x" if t["unit"] == "x" else f">= {t['target']:g}%"
+        lines.append((t["case"], t["what"], goal, measured, "met" if t["met"] else "MISSED"))
+    return lines
+
+
+def format_bag_table(results) -> str:
+    """The terminal table of a --bags run: one block per case, then the targets."""
+    copy, read = results["copy"].get("cpu", {}), results["read"].get("cpu", {})
+    lines = [f"\nCPU bags: copy bandwidth {_bandwidth_text(copy)}, read bandwidth {_bandwidth_text(read)}; "
+             f"GB/s from the bytes model (bytes_model.bag_bytes); x baseline = the baseline's median / "
+             f"this provider's, in the same run"]
+    rows = _bag_rows(results)
+    timed = [r for r in rows if r[2] not in ("skipped", "failed")]
+    widths = [max([len(h)] + [len(r[i + 1]) for r in timed]) for i, h in enumerate(BAG_HEADER)]
+    widths[0] = max([widths[0]] + [len(r[1]) for r in rows])
+    current = None
+    for row in rows:
+        if row[0] != current:
+            current = row[0]
+            lines.append(f"\n  {current}")
+            lines.append("    " + "  ".join(h.rjust(w) if 0 < i < len(BAG_HEADER) - 1 else h.ljust(w)
+                                            for i, (h, w) in enumerate(zip(BAG_HEADER, widths))))
+        if row[2] in ("skipped", "failed"):
+            lines.append(f"    {row[1].ljust(widths[0])}  {row[2]}: {row[3]}")
+        else:
+            lines.append("    " + "  ".join(c.rjust(w) if 0 < i < len(BAG_HEADER) - 1 else c.ljust(w)
+                                            for i, (c, w) in enumerate(zip(row[1:], widths))))
+    lines.append("\ntargets:")
+    for case, what, goal, measured, verdict in _target_lines(results):
+        lines.append(f"  {verdict:6s} {measured:>8s} (target {goal}) {what}, {case}")
+    failed = [v for v in results["validation"] if not v["passed"]]
+    lines.append(f"\nvalidation: {len(results['validation']) - len(failed)} of "
+                 f"{len(results['validation'])} provider checks passed")
+    return "\n".join(lines)
+
+
+def bag_markdown_block(results) -> str:
+    """The RESULTS.md section of a --bags run: machine, date, versions, bandwidths, the tables."""
+    from .providers import bag_providers
+    machine, copy, read = results["machine"], results["copy"].get("cpu", {}), results["read"].get("cpu", {})
+    versions_text = ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v)
+    ms = results["measurements"]
+    providers = list(dict.fromkeys(m["provider"] for m in ms))
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB.  ",
+        f"Date: {results['date']}. Command: `{results['command']}` ({results['duration_s']:.0f} s).  ",
+        f"Versions: {versions_text}.  ",
+        f"Copy bandwidth: {_bandwidth_text(copy)}.  ",
+        f"Read bandwidth: {_bandwidth_text(read)}: the most a gather could reach.  ",
+        f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
+        f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",
+        "Median of interleaved calls, providers in a fresh random order each round (p20-p80), bag sets "
+        f"rotated so rows come from DRAM; GB/s: {results['bytes_model']}.",
+        "",
+        "Providers:",
+        "",
+    ]
+    lines += [f"- `{p.name}`: {p.description}" + (f"; ratio over `{p.baseline}`" if p.baseline else "")
+              for p in bag_providers() if p.name in providers]
+    lines += ["", "Targets:", "", "| case | ratio | target | measured | |", "| --- | --- | ---: | ---: | --- |"]
+    lines += [f"| {case} | {what} | {goal} | {measured} | {verdict} |"
+              for case, what, goal, measured, verdict in _target_lines(results)]
+    lines += ["", "Median ms (x over its baseline):", "",
+              "| case | " + " | ".join(providers) + " |", "| --- |" + " ---: |" * len(providers)]
+    cells: dict = {}
+    for m in ms:
+        text = "failed" if m["status"] == "failed" else "-"
+        if m["status"] == "ok" and "median_ms" in m:
+            text = f"{m['median_ms']:.3f}" + (f" ({m['speedup']:.2f}x)" if m.get("speedup") else "")
+        cells.setdefault(_bag_label(m), {})[m["provider"]] = text
+    for label, row in cells.items():
+        lines.append(f"| {label} | " + " | ".join(row.get(p, "-") for p in providers) + " |")
+    lines += ["", "Every measurement:", "",
+              "| case | " + " | ".join(BAG_HEADER) + " |", "| --- | --- |" + " ---: |" * 6 + " --- |"]
+    for row in _bag_rows(results):
+        if row[2] in ("skipped", "failed"):
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]}: {row[3]} | | | | | | |")
+        else:
+            lines.append("| " + " | ".join(row) + " |")
+    if results["skipped"]:
+        lines.append("")
+        lines += [f"Not run: {s['provider']} ({s['reason']}).  " for s in results["skipped"]]
+    failed = [v for v in results["validation"] if not v["passed"]]
+    lines.append("")
+    lines.append(f"Validation before timing (float64 reference): {len(results['validation']) - len(failed)} of "
+                 f"{len(results['validation'])} provider checks passed"
+                 + (": failed " + ", ".join(f"{v['provider']} {v['dtype']}" for v in failed) if failed else "") + ".")
+    return "\n".join(lines)
+
+
+def plot_bags(results, path: Path) -> None:
+    """A PNG: each fused provider's ratio over its baseline (top, targets as lines) and every
+    provider's % of read bandwidth (bottom), by case."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from .providers import bag_providers
+    ok = [m for m in results["measurements"] if m["status"] == "ok" and "median_ms" in m]
+    order = [p.name for p in bag_providers()]
+    cases = list(dict.fromkeys(_bag_label(m) for m in ok)) or ["(nothing timed)"]
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(order)}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.6 * len(cases) + 3), 9), squeeze=False)
+    for row, (key, title, line) in enumerate([
+            ("speedup", "ratio over its baseline in the same run (x); lines: the targets", None),
+            ("pct_of_read", "% of read bandwidth (bytes model)", 100.0)]):
+        ax = axes[row][0]
+        here = [p for p in order if any(m["provider"] == p and m.get(key) for m in ok)]
+        width = 0.8 / max(1, len(here))
+        for i, provider in enumerate(here):
+            values = {_bag_label(m): m.get(key) for m in ok if m["provider"] == provider}
+            ys = [values.get(c) or np.nan for c in cases]
+            label = provider + (f" / {next(m['baseline'] for m in ok if m['provider'] == provider and m.get('baseline'))}"
+                                if key == "speedup" else "")
+            ax.bar(np.arange(len(cases)) + (i - (len(here) - 1) / 2) * width, ys, width, label=label,
+                   color=colors[provider])
+        if key == "speedup":
+            for target in sorted({m["target"] for m in ok if m.get("target")}):
+                ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
+        else:
+            ax.axhline(line, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(cases)))
+        ax.set_xticklabels(cases, fontsize=7, rotation=20, ha="right")
+        ax.set_title(f"CPU bags: {title}", fontsize=10)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(axis="y", alpha=0.3)
+        if here:
+            ax.legend(fontsize=7, ncol=2)
+    machine = results["machine"]
+    fig.suptitle(f"fused-embedding bench --bags: {machine['cpu']} ({machine['cores']} cores), {results['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _write_bag_outputs(results, out: Path, results_md: Path | None) -> None:
+    block = bag_markdown_block(results)
+    _write_atomic(out / RESULTS_JSON,
+                  lambda p: p.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8"))
+    _write_atomic(out / RESULTS_PNG, lambda p: plot_bags(results, p))
+    _write_atomic(out / RESULTS_MD, lambda p: p.write_text(f"{BAG_MD_HEADING}\n\n{block}\n", encoding="utf-8"))
+    if results_md is not None:
+        text = results_md.read_text(encoding="utf-8") if results_md.exists() else None
+        text = update_results_md(text, "bags", block, generator=BAG_MD_GENERATOR, heading=BAG_MD_HEADING)
         _write_atomic(results_md, lambda p: p.write_text(text, encoding="utf-8"))
 
 

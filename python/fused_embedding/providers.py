@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import backends
-from .bytes_model import copy_bytes, fused_bytes, gb_per_s
+from .bytes_model import bag_bytes, copy_bytes, fused_bytes, gb_per_s
 from .memory import empty_aligned
 from .reference import embedding_mean_reference
 from .semantics import BFLOAT16, Axis
@@ -738,3 +738,297 @@ def case_bytes(inputs: Inputs) -> int:
     """The bytes model's traffic for one call of this case (the same for every provider)."""
     return fused_bytes(inputs.batch, inputs.length, inputs.table.shape[1], inputs.table.dtype,
                        inputs.id_sets[0].dtype, inputs.axis)
+
+
+# ---------------------------------------------------------------------------
+# Variable-length bags (CSR): the workload, its inputs and its providers
+#
+# ``fused-embedding bench --bags`` times these; the workload is defined here once.
+
+
+@dataclasses.dataclass(frozen=True)
+class BagCase:
+    """One bags case: B bags whose lengths are geometric with mean ``mean_length`` (at least
+    1, capped at ``max_length``), ids over [0, V) Zipf-distributed (``ids="zipf"``, exponent
+    ``zipf_a``) or uniform, a (V, D) table of ``dtype`` ("fp32", "fp16", "bf16")."""
+
+    batch: int
+    mean_length: float
+    max_length: int
+    dim: int
+    vocab: int
+    ids: str
+    dtype: str = "fp32"
+    zipf_a: float = 1.2
+
+    @property
+    def label(self) -> str:
+        return (f"B={self.batch} L~geom({self.mean_length:g}, <={self.max_length}) D={self.dim} "
+                f"V={self.vocab:,} {self.ids} ids {self.dtype}")
+
+
+# The workload: B=4096 bags, geometric lengths of mean 32 capped at 1,000, V=2,000,000
+# fp32 rows of D=16, 64 and 256 floats, ids Zipf (a=1.2) and uniform. D=64 is the
+# headline; uniform ids are where the read-bandwidth target is judged (Zipf's hot rows
+# sit in the caches, so its bytes come partly from there).
+BAG_BATCH, BAG_MEAN_LENGTH, BAG_MAX_LENGTH, BAG_VOCAB = 4096, 32, 1000, 2_000_000
+BAG_DIMS, BAG_QUICK_DIMS = (64, 16, 256), (64,)
+BAG_ID_DISTRIBUTIONS = ("zipf", "uniform")
+BAG_ZIPF_A = 1.2
+
+
+def bag_cases(dims=BAG_DIMS, batch=BAG_BATCH, mean_length=BAG_MEAN_LENGTH, vocab=BAG_VOCAB,
+              max_length=BAG_MAX_LENGTH, dtype="fp32") -> list[BagCase]:
+    """The bags workload's cases: every D, Zipf then uniform ids."""
+    return [BagCase(batch, mean_length, max_length, dim, vocab, ids, dtype, BAG_ZIPF_A)
+            for dim in dims for ids in BAG_ID_DISTRIBUTIONS]
+
+
+@dataclasses.dataclass
+class BagSet:
+    """One batch of CSR bags on the host: values [N] int64, offsets [B + 1] int64, weights [N]
+    float32 (uniform in [0, 1): used by the weighted providers, ignored by the rest)."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+    weights: np.ndarray
+
+
+def bag_lengths(rng, case: BagCase) -> np.ndarray:
+    """[B] int64 bag lengths: geometric on 1, 2, ... with mean ``case.mean_length``, capped."""
+    p = min(1.0, 1.0 / max(1.0, float(case.mean_length)))
+    return np.minimum(rng.geometric(p, size=case.batch), case.max_length).astype(np.int64)
+
+
+def bag_ids(rng, case: BagCase, count: int, permutation=None) -> np.ndarray:
+    """[count] int64 ids in [0, V): uniform, or Zipf ranks (a = case.zipf_a, ranks past V drawn
+    again) mapped through ``permutation`` (a [V] shuffle of the rows, so the hot rows lie
+    scattered over the table as hashed ids do, not packed at its start)."""
+    if case.ids == "uniform":
+        return rng.integers(0, case.vocab, size=count, dtype=np.int64)
+    if case.ids != "zipf":
+        raise ValueError(f"ids must be 'zipf' or 'uniform', got {case.ids!r}")
+    ranks = rng.zipf(case.zipf_a, size=count)
+    outside = np.flatnonzero(ranks > case.vocab)
+    while outside.size:
+        ranks[outside] = rng.zipf(case.zipf_a, size=outside.size)
+        outside = outside[ranks[outside] > case.vocab]
+    ranks -= 1
+    return ranks if permutation is None else permutation[ranks]
+
+
+def random_bag_sets(rng, case: BagCase, lengths: list, permutation=None) -> list[BagSet]:
+    """One fresh BagSet per entry of ``lengths`` ([B] each): fresh ids and weights, those lengths."""
+    sets = []
+    for length in lengths:
+        offsets = np.zeros(case.batch + 1, dtype=np.int64)
+        np.cumsum(length, out=offsets[1:])
+        total = int(offsets[-1])
+        sets.append(BagSet(bag_ids(rng, case, total, permutation), offsets,
+                           rng.random(total, dtype=np.float32)))
+    return sets
+
+
+def bag_set_count(case: BagCase) -> int:
+    """How many bag sets to rotate among so the rows gathered exceed ROTATION_TARGET_BYTES."""
+    gathered = max(1, int(case.batch * min(case.mean_length, case.max_length) * case.dim
+                          * DTYPE_NAMES[case.dtype].itemsize))
+    return int(min(MAX_ID_SETS, max(MIN_ID_SETS, math.ceil(ROTATION_TARGET_BYTES / gathered))))
+
+
+@dataclasses.dataclass
+class BagInputs:
+    """One bags case on the host: the (V, D) table and the bag sets a provider rotates among;
+    ``cache`` as Inputs' (the table converted once per framework)."""
+
+    table: np.ndarray
+    bag_sets: list
+    cache: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class BagProvider:
+    """One way of pooling CSR bags.
+
+    combiner / weighted: what it computes ("mean" unweighted, or "sum" with the set's
+      weights), and so which reference it is validated against.
+    baseline: the provider whose time its ratio is over (in the same run), or None.
+    target: the ratio the issue asks of it over ``baseline``, or None.
+    prepare: (BagInputs) -> runner; runner(k) -> the (B, D) result for bag set k, finished.
+    """
+
+    name: str
+    description: str
+    exact: bool
+    combiner: str
+    weighted: bool
+    probe: Callable[[], str | None]
+    prepare: Callable[[BagInputs], Callable[[int], Any]]
+    baseline: str | None = None
+    target: float | None = None
+    device: str = "cpu"
+
+    def unavailable_reason(self) -> str | None:
+        return _probe_once(self.name, self.probe)
+
+
+def _fused_bag_provider(combiner: str, weighted: bool, baseline: str) -> BagProvider:
+    def prepare(inputs: BagInputs):
+        from .bags import embedding_bag
+        table, sets = inputs.table, inputs.bag_sets
+
+        def run(k):
+            s = sets[k]
+            return embedding_bag(table, s.values, s.offsets, weights=s.weights if weighted else None,
+                                 combiner=combiner, backend="cpu")
+        return run
+
+    tag = f"{combiner},w" if weighted else combiner
+    return BagProvider(
+        name=f"fused-bag[{tag}]", exact=True, combiner=combiner, weighted=weighted,
+        description=f"fused_embedding.embedding_bag(table, values, offsets"
+                    + (", weights=w" if weighted else "") + f", combiner={combiner!r})",
+        probe=lambda: backends.unavailable_reason("cpu"), prepare=prepare, baseline=baseline, target=1.0)
+
+
+def _fused_tf_bags_probe() -> str | None:
+    reason = _tf_probe()
+    if reason:
+        return reason
+    try:
+        importlib.import_module("fused_embedding.tf")
+    except ImportError as exc:
+        return f"fused_embedding.tf is not importable ({exc})"
+    return None
+
+
+def _tf_ragged_sets(inputs: BagInputs):
+    tf = _tf()
+    return [tf.RaggedTensor.from_row_splits(tf.constant(s.values), tf.constant(s.offsets), validate=False)
+            for s in inputs.bag_sets]
+
+
+def _tf_sparse_sets(inputs: BagInputs):
+    """Each bag set as a 2-D SparseTensor [B, max length] in canonical row-major order."""
+    tf = _tf()
+    sparse = []
+    for s in inputs.bag_sets:
+        lengths = np.diff(s.offsets)
+        rows = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
+        cols = np.arange(s.values.size, dtype=np.int64) - np.repeat(s.offsets[:-1], lengths)
+        width = int(lengths.max()) if lengths.size else 0
+        sparse.append(tf.SparseTensor(tf.constant(np.stack([rows, cols], axis=1)), tf.constant(s.values),
+                                      tf.constant([lengths.size, width], dtype=tf.int64)))
+    return sparse
+
+
+def _tf_lookup_sparse(lookup, table, sp_ids):
+    return lookup(table, sp_ids, None, combiner="mean")
+
+
+def _tf_bag_provider(name: str, description: str, lookup_of, form: str, baseline=None,
+                     target=None, probe=_tf_probe, exact=False) -> BagProvider:
+    """A TF sparse lookup (``lookup_of()`` gives the function) on ragged or sparse ids, in
+    tf.function, combiner "mean", no weights; the ids converted outside the timed region."""
+
+    def prepare(inputs: BagInputs):
+        table = _tf_table(inputs, "cpu")
+        ids = _tf_ragged_sets(inputs) if form == "ragged" else _tf_sparse_sets(inputs)
+        lookup = _tf_function(_tf_lookup_sparse, lookup_of())
+
+        def run(k):
+            return _tf_finish(lookup(table, ids[k]), "cpu")
+        return run
+
+    return BagProvider(name=name, description=description, exact=exact, combiner="mean", weighted=False,
+                       probe=probe, prepare=prepare, baseline=baseline, target=target)
+
+
+def _torch_bag_provider(combiner: str, weighted: bool) -> BagProvider:
+    def prepare(inputs: BagInputs):
+        torch = _torch()
+        embedding_bag = torch.nn.functional.embedding_bag
+        table = _torch_table(inputs, "cpu")
+        sets = [(torch.from_numpy(s.values), torch.from_numpy(s.offsets),
+                 torch.from_numpy(s.weights) if weighted else None) for s in inputs.bag_sets]
+
+        def run(k):
+            values, offsets, weights = sets[k]
+            with torch.inference_mode():
+                return embedding_bag(values, table, offsets, mode=combiner, per_sample_weights=weights,
+                                     include_last_offset=True)
+        return run
+
+    tag = f"{combiner},w" if weighted else combiner
+    return BagProvider(
+        name=f"torch-bag[{tag}]", exact=False, combiner=combiner, weighted=weighted,
+        description=f'torch.nn.functional.embedding_bag(values, table, offsets, mode="{combiner}"'
+                    + (", per_sample_weights=w" if weighted else "") + ", include_last_offset=True)",
+        probe=_torch_probe, prepare=prepare)
+
+
+def _fused_tf_module():
+    return importlib.import_module("fused_embedding.tf")  # it exports the drop-ins of tf_bags
+
+
+# The ratios the bags benchmark checks, each over a baseline in the same run.
+BAG_TF_TARGET, BAG_CORE_TARGET, BAG_READ_TARGET_PCT = 5.0, 1.0, 50.0
+
+
+@functools.lru_cache(maxsize=None)
+def bag_providers() -> tuple[BagProvider, ...]:
+    """Every bags provider: the core op (mean; weighted sum), the fused TF drop-ins in
+    tf.function (ragged; safe on sparse), TF's own ops, torch's embedding_bag."""
+    return (
+        _fused_bag_provider("mean", False, baseline="torch-bag[mean]"),
+        _fused_bag_provider("sum", True, baseline="torch-bag[sum,w]"),
+        _tf_bag_provider("tf-op-bag[ragged]",
+                         "fused_embedding.tf.embedding_lookup_sparse(table, ragged ids) in tf.function",
+                         lambda: _fused_tf_module().embedding_lookup_sparse, "ragged",
+                         baseline="tf-lookup-sparse[ragged]", target=BAG_TF_TARGET,
+                         probe=_fused_tf_bags_probe, exact=True),
+        _tf_bag_provider("tf-op-safe[sparse]",
+                         "fused_embedding.tf.safe_embedding_lookup_sparse(table, sparse ids) in tf.function",
+                         lambda: _fused_tf_module().safe_embedding_lookup_sparse, "sparse",
+                         baseline="tf-safe-lookup-sparse[sparse]", target=BAG_TF_TARGET,
+                         probe=_fused_tf_bags_probe, exact=True),
+        _tf_bag_provider("tf-lookup-sparse[ragged]",
+                         'tf.nn.embedding_lookup_sparse(table, ragged ids, combiner="mean") in tf.function',
+                         lambda: _tf().nn.embedding_lookup_sparse, "ragged"),
+        _tf_bag_provider("tf-safe-lookup-sparse[sparse]",
+                         'tf.nn.safe_embedding_lookup_sparse(table, sparse ids, combiner="mean") in tf.function',
+                         lambda: _tf().nn.safe_embedding_lookup_sparse, "sparse"),
+        _torch_bag_provider("mean", False),
+        _torch_bag_provider("sum", True),
+    )
+
+
+def bag_reference(table, bag_set: BagSet, provider: BagProvider) -> np.ndarray:
+    """The float64 reference of what ``provider`` computes on ``bag_set``."""
+    from .reference import embedding_bag_reference
+    return embedding_bag_reference(table, bag_set.values, bag_set.offsets,
+                                   bag_set.weights if provider.weighted else None, provider.combiner)
+
+
+def validate_bag_provider(provider: BagProvider, rng, table_dtype=np.float32, vocab=1000, dim=33,
+                          batch=23, mean_length=5, max_length=19) -> str | None:
+    """None when ``provider`` matches the float64 reference on fresh random bags, else a report.
+
+    Small odd shapes, Zipf ids (repeated ids in a bag), lengths from the workload's
+    distribution; the package's ops use the reference tolerances, other frameworks the
+    Keras ones.
+    """
+    case = BagCase(batch, mean_length, max_length, dim, vocab, "zipf", dtype_name(table_dtype))
+    table = random_table(rng, vocab, dim, table_dtype)
+    bag_set = random_bag_sets(rng, case, [bag_lengths(rng, case)], rng.permutation(vocab))[0]
+    result = to_numpy(provider.prepare(BagInputs(table, [bag_set]))(0), table_dtype)
+    if np.dtype(result.dtype) != np.dtype(table_dtype):
+        return f"returned {result.dtype}, expected {np.dtype(table_dtype)}"
+    return compare(result, bag_reference(table, bag_set, provider),
+                   **tolerance(table_dtype, "reference" if provider.exact else "keras"))
+
+
+def bag_set_bytes(bag_set: BagSet, dim: int, table_dtype, weighted: bool) -> int:
+    """The bytes model's traffic for one call on ``bag_set`` (bytes_model.bag_bytes)."""
+    return bag_bytes(bag_set.values.size, bag_set.offsets.size - 1, dim, table_dtype,
+                     bag_set.values.dtype, weighted, bag_set.offsets.dtype.itemsize)
