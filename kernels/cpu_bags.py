@@ -33,14 +33,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..bags import Combiner
+from ..spec import Pooling
 from .cpu import _prefetch_rows
 from .cpu_rows import sum_vector_columns
 from .cpu_scalars import store, widen
 
 # The combiner codes as compile-time constants (Numba freezes module globals).
-_MEAN = int(Combiner.MEAN)
-_SQRTN = int(Combiner.SQRTN)
+_MEAN = Pooling.MEAN.kernel_code
+_SQRTN = Pooling.SQRTN.kernel_code
 
 
 @njit(cache=True, nogil=True)

@@ -14,7 +14,7 @@ from fused_embedding.reference import embedding_bag_reference
 from fused_embedding.spec import BoundsCheck, Pooling
 from fused_embedding.validation import assert_close, poisoned, unwritten
 
-from test_gpu_simulator import requires_numba_cuda
+from test_gpu_simulator import device_skip_reason, requires_numba_cuda
 
 pytestmark = requires_numba_cuda
 
@@ -70,3 +70,40 @@ def test_bad_id_raises_at_once_or_deferred(rng):
     assert gpu_staging.pending_checks() == 1
     with pytest.raises(IndexError, match=message + ".*deferred bounds check"):
         fe.synchronize()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_public_op_runs_numba_cuda_on_host_inputs(rng, weighted):
+    """fe.embedding_bag(backend="numba-cuda") on host inputs: a NumPy result equal to the
+    reference, and a bad id named with its position and bag."""
+    table, values, offsets, weights = random_bags(rng, 40, 6, 7, np.float32, np.int64, weighted)
+    expected = embedding_bag_reference(table, values, offsets, weights, "sqrtn")
+    host = fe.embedding_bag(table, values, offsets, weights=weights, combiner="sqrtn", backend="numba-cuda")
+    assert isinstance(host, np.ndarray)
+    assert_close(host, expected, np.float32)
+    bad = values.copy()
+    bad[-1] = 40
+    with pytest.raises(IndexError, match=rf"id 40 at values\[{bad.shape[0] - 1}\] \(bag 6\)"):
+        fe.embedding_bag(table, bad, offsets, weights=weights, backend="numba-cuda")
+
+
+@pytest.mark.skipif(device_skip_reason() is not None, reason=str(device_skip_reason()))
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_public_op_on_device_arrays(rng, weighted):
+    """A device table with device values, offsets and weights: the GPU backend is picked by
+    the table's device and the result stays there; device offsets are checked on the host."""
+    from numba import cuda
+    table, values, offsets, weights = random_bags(rng, 40, 6, 7, np.float32, np.int64, weighted)
+    expected = embedding_bag_reference(table, values, offsets, weights, "sqrtn")
+    on_device = [None if a is None else cuda.to_device(a) for a in (table, values, offsets, weights)]
+    result = fe.embedding_bag(*on_device[:3], weights=on_device[3], combiner="sqrtn")
+    assert hasattr(result, "__cuda_array_interface__")
+    assert_close(result.copy_to_host(), expected, np.float32)
+    bad = values.copy()
+    bad[-1] = 40
+    with pytest.raises(IndexError, match=rf"id 40 at values\[{bad.shape[0] - 1}\] \(bag 6\)"):
+        fe.embedding_bag(on_device[0], cuda.to_device(bad), on_device[2], weights=on_device[3])
+    wrong = offsets.copy()
+    wrong[-1] += 1
+    with pytest.raises(ValueError, match=r"offsets\[-1\] must equal len\(values\)"):
+        fe.embedding_bag(on_device[0], on_device[1], cuda.to_device(wrong))

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from . import backends
+from .backends import device_of
 from .checks import check_backend_name, check_host_inputs, normalize_axis
 from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned, output_too_large_error
 from .semantics import output_shape
@@ -16,28 +17,6 @@ log = logging.getLogger("fused_embedding")
 
 BACKEND_ENV_VAR = "FUSED_EMBEDDING_BACKEND"
 MEMORY_CHECK_MIN_BYTES = 64 << 20
-
-# DLPack device types that live on an NVIDIA GPU (kDLCUDA, kDLCUDAHost is host).
-_DLPACK_CUDA = 2
-_DLPACK_CUDA_MANAGED = 13
-
-
-def device_of(array) -> str:
-    """"cuda" for GPU arrays (CUDA array interface or a CUDA DLPack device), else "cpu"."""
-    if type(array) is np.ndarray:  # the common case, answered without attribute probes
-        return "cpu"
-    if hasattr(array, "__cuda_array_interface__"):
-        return "cuda"
-    dlpack_device = getattr(array, "__dlpack_device__", None)
-    if dlpack_device is not None:
-        try:
-            kind = int(dlpack_device()[0])
-        except Exception:
-            return "cpu"
-        if kind in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
-            return "cuda"
-    return "cpu"
-
 
 def choose_backend(requested, table_device: str, ids_device: str) -> str:
     """The backend to run: the requested one (argument, then env var) or the fastest for the device."""

@@ -3,75 +3,40 @@
 Bags in CSR form, as ``tf.nn.embedding_lookup_sparse`` and
 ``torch.nn.functional.embedding_bag`` take them: bag b is
 ``values[offsets[b]:offsets[b + 1]]``, with one weight per id when ``weights`` is given.
-Host backends only so far ("cpu": kernels/cpu_bags.py; "numpy": the float64 reference).
+Every backend runs it: "cpu" (kernels/cpu_bags.py), "numpy" (the float64 reference),
+"numba-cuda" (kernels/cuda_bags.py) and "cupy" (``gather_bags`` in kernels/gather_mean.cu).
 Dense ``(B, L)`` ids stay ``embedding_mean``'s, with its contract.
 """
 from __future__ import annotations
 
-import enum
-import os
-
 import numpy as np
 
 from . import backends, launch
-from .api import BACKEND_ENV_VAR, MEMORY_CHECK_MIN_BYTES, device_of
+from .api import MEMORY_CHECK_MIN_BYTES, choose_backend
+from .backends import BAG_OUT_OF_RANGE_MESSAGE, bag_out_of_range_error, device_of  # noqa: F401 (tf_bags' message)
 from .checks import check_table_shape, table_dtype_error
 from .memory import output_too_large_error
 from .semantics import TABLE_FORMATS, table_format
+from .spec import BoundsCheck, Pooling
 
-
-class Combiner(enum.IntEnum):
-    """How a bag's weighted rows combine: TF's ``combiner`` names and definitions.
-
-    The value is the kernels' code. (To move into spec.Pooling once the kernels read the spec.)
-    """
-
-    MEAN = 0   # weighted sum / sum of weights (unweighted: / count)
-    SUM = 1    # weighted sum
-    SQRTN = 2  # weighted sum / sqrt(sum of squared weights) (unweighted: / sqrt(count))
-
-    @property
-    def tf_name(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def of(cls, value) -> "Combiner":
-        if isinstance(value, cls):
-            return value
-        found = _COMBINERS.get(value) if isinstance(value, str) else None
-        if found is None:
-            raise ValueError(f"combiner must be one of {sorted(_COMBINERS)}, got {value!r}")
-        return found
-
-
-_COMBINERS = {c.tf_name: c for c in Combiner}
-
-HOST_BACKENDS = ("cpu", "numpy")  # the backends with a bags launcher, fastest first
 
 _ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _WEIGHT_DTYPE = np.dtype(np.float32)
 _NO_WEIGHTS = np.empty(0, dtype=np.float32)  # what the kernels get when no weights are passed
 
-BAG_OUT_OF_RANGE_MESSAGE = ("id {id} at values[{position}] (bag {bag}) is out of range for a table "
-                            "of {vocab} rows (expected 0 <= id < {vocab})")
-
-
-def bag_out_of_range_error(values, offsets, position: int, vocab: int) -> IndexError:
-    """The error for the id at ``values[position]``, naming it, its position, its bag and V."""
-    position = int(position)
-    bag = int(np.searchsorted(offsets, position, side="right")) - 1  # the bag with ids, not an empty one
-    return IndexError(BAG_OUT_OF_RANGE_MESSAGE.format(id=int(values[position]), position=position,
-                                                      bag=bag, vocab=vocab))
-
-
-def embedding_bag(table, values, offsets, *, weights=None, combiner="mean", backend=None):
+def embedding_bag(table, values, offsets, *, weights=None, combiner="mean", backend=None,
+                  bounds_check="raise"):
     """Fused ``combiner(table[values] * weights)`` per bag, for bags of any length (CSR).
 
     Args:
-      table: (V, D) float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) host array.
+      table: (V, D) float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) array: on the
+        host (NumPy, or anything ``np.asarray`` takes without copying), or a GPU array
+        (CUDA array interface / DLPack) for the GPU backends.
       values: (N,) int32 or int64, the ids of every bag one after another, each in [0, V).
       offsets: (B + 1,) int32 or int64, non-decreasing, ``offsets[0] == 0`` and
         ``offsets[-1] == N``: bag b is ``values[offsets[b]:offsets[b + 1]]``, and may be empty.
+        On a GPU table's call, values, offsets and weights may be on the host or the
+        GPU (offsets on the GPU are copied back once to be checked: B + 1 integers).
       weights: None, or (N,) float32, one weight per id (any sign, zero included).
       combiner: as ``tf.nn.embedding_lookup_sparse``'s, with w = 1 when unweighted:
         "mean": sum(w * row) / sum(w); "sum": sum(w * row);
@@ -79,40 +44,52 @@ def embedding_bag(table, values, offsets, *, weights=None, combiner="mean", back
         A zero denominator gives zeros (TF's ``div_no_nan``): an empty bag gives zeros
         under every combiner (TF's unsafe op assumes there are none), and so does a
         mean whose weights sum to 0.
-      backend: None ("cpu" where Numba is installed, else "numpy"; or
-        ``FUSED_EMBEDDING_BACKEND`` when it names one of these), "cpu" or "numpy".
+      backend: None (the fastest available for the table's device, or the
+        ``FUSED_EMBEDDING_BACKEND`` environment variable), or one of
+        ``available_backends()``, as for ``embedding_mean``.
+      bounds_check: "raise" or "deferred", as for ``embedding_mean`` (deferred: GPU
+        backends only; a bad id then raises from a later call or ``synchronize()``).
 
     Returns:
-      (B, D) NumPy array of the table's dtype, accumulated in float32 ("numpy": float64,
-      rounded once to the table's dtype).
+      (B, D) array of the table's dtype, accumulated in float32 ("numpy": float64,
+      rounded once to the table's dtype), on the table's device (NumPy for host
+      tables, also under a GPU backend).
 
     Raises:
       TypeError: a dtype other than the above.
-      ValueError: a rank, length or offsets other than the above, an unknown combiner,
-        a backend other than "cpu" / "numpy", or arrays on a GPU.
+      ValueError: a rank, length or offsets other than the above, an unknown combiner
+        or backend, a GPU table under a host backend, or GPU ids with a host table.
       IndexError: an id outside [0, V), the first in ``values`` order; the message gives
         the id, its position in ``values``, its bag and V. No partial result is returned.
       MemoryError: the output would not fit in the host's memory.
     """
-    return _embedding_bag(table, values, offsets, weights, combiner, backend)
+    return _embedding_bag(table, values, offsets, weights, combiner, backend,
+                          bounds_check=BoundsCheck.of(bounds_check))
 
 
-def _embedding_bag(table, values, offsets, weights, combiner, backend, out=None, n_chunks=None):
+def _embedding_bag(table, values, offsets, weights, combiner, backend, out=None, n_chunks=None,
+                   bounds_check=BoundsCheck.RAISE):
     """``embedding_bag``; ``out`` (B, D) of the table's dtype receives the result (tests pass
     a poisoned one; on an error it may be partly written), ``n_chunks`` forces the cpu
     kernel's split (tests: bags cut across many chunks)."""
-    table, values, offsets, weights = (None if a is None else _on_host(a, name) for a, name in
-                                       ((table, "table"), (values, "values"),
-                                        (offsets, "offsets"), (weights, "weights")))
-    combiner = Combiner.of(combiner)
-    check_bag_inputs(table, values, offsets, weights)
-    name = choose_bag_backend(backend)
+    table, values, offsets, weights = (None if a is None else _as_array(a) for a in
+                                       (table, values, offsets, weights))
+    combiner = Pooling.of(combiner)
+    ids_device = "cuda" if any(device_of(a) == "cuda" for a in (values, offsets, weights) if a is not None) \
+        else "cpu"
+    name = choose_backend(backend, device_of(table), ids_device)
+    host_offsets = _to_host(offsets)
+    check_bag_inputs(table, values, host_offsets, weights)
     shape = (offsets.shape[0] - 1, table.shape[1])
     out_bytes = shape[0] * shape[1] * table.dtype.itemsize
     if out_bytes >= MEMORY_CHECK_MIN_BYTES:
         limit = backends.get(name).memory_limit_bytes()
         if out_bytes > limit:
             raise output_too_large_error(shape, table.dtype, out_bytes, limit, name)
+    if backends.device_of_backend(name) == "cuda":
+        offsets = offsets if device_of(offsets) == "cuda" else np.asarray(offsets, np.int64)
+        return backends.get(name).embedding_bag(table, values, offsets, weights, combiner, out=out,
+                                                bounds_check=bounds_check)
     if out is None:
         out = np.empty(shape, dtype=table.dtype)
     values = np.ascontiguousarray(values)  # the kernels walk ids flat: copies ids only, never the table
@@ -123,11 +100,22 @@ def _embedding_bag(table, values, offsets, weights, combiner, backend, out=None,
     return out
 
 
-def _on_host(array, name):
-    if device_of(array) == "cuda":
-        raise ValueError(f"embedding_bag runs on host arrays so far (backends {HOST_BACKENDS}); "
-                         f"{name} is on a GPU")
-    return array if type(array) is np.ndarray else np.asarray(array)  # zero-copy for TF and torch CPU tensors
+def _as_array(array):
+    """GPU arrays as they are; anything else as a NumPy array (zero-copy for TF and torch CPU tensors)."""
+    if type(array) is np.ndarray or device_of(array) == "cuda":
+        return array
+    return np.asarray(array)
+
+
+def _to_host(array) -> np.ndarray:
+    """A host copy of a GPU array (CUDA array interface), the array itself on the host."""
+    if device_of(array) != "cuda":
+        return array
+    if not hasattr(array, "__cuda_array_interface__"):
+        raise TypeError(f"offsets on a GPU must expose __cuda_array_interface__ (CuPy, Numba, torch), "
+                        f"got {type(array).__name__}")
+    from numba import cuda
+    return cuda.as_cuda_array(array).copy_to_host()
 
 
 def _integer_check(array, name: str, shape_text: str) -> None:
@@ -173,23 +161,6 @@ def check_bag_inputs(table, values, offsets, weights) -> None:
             raise ValueError(f"weights must have the shape of values, {values.shape}, got {weights.shape}")
 
 
-def choose_bag_backend(requested) -> str:
-    """The backend to run: the requested one, else ``FUSED_EMBEDDING_BACKEND`` when it names a
-    host backend, else the fastest available host backend."""
-    name = requested
-    if name is None:
-        from_env = os.environ.get(BACKEND_ENV_VAR)
-        name = from_env if from_env in HOST_BACKENDS else None
-    if name is None:
-        return next(n for n in HOST_BACKENDS if backends.unavailable_reason(n) is None)  # numpy always is
-    if name not in HOST_BACKENDS:
-        raise ValueError(f"embedding_bag runs on the backends {HOST_BACKENDS} so far, got {name!r}")
-    reason = backends.unavailable_reason(name)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} was requested but is not available here: {reason}")
-    return name
-
-
 def _launch_cpu(table, values, offsets, weights, combiner, out, n_chunks):
     import numba
 
@@ -204,7 +175,7 @@ def _launch_cpu(table, values, offsets, weights, combiner, out, n_chunks):
         threads = numba.config.NUMBA_NUM_THREADS
         n_chunks = 1 if serial else max(1, min(total + batch, threads * launch.CPU_CHUNKS_PER_THREAD))
     args = (cpu_backend._bits(table), values, offsets, _NO_WEIGHTS if weights is None else weights,
-            weights is not None, int(combiner), table_format(table.dtype), int(n_chunks),
+            weights is not None, combiner.kernel_code, table_format(table.dtype), int(n_chunks),
             launch.cpu_rows_ahead(row_bytes), cpu_backend._bits(out))
     if serial:
         first_bad = cpu_bags.embedding_bag_serial(*args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis
+from .spec import Pooling
 
 
 def embedding_mean_reference(table, ids, axis=Axis.SEQUENCE, mask_zero=False) -> np.ndarray:
@@ -46,8 +47,7 @@ def embedding_bag_reference(table, values, offsets, weights=None, combiner="mean
     a zero denominator gives zeros, as TF's div_no_nan (so does an empty bag).
     Returns (B, D) float64. Reads N ids and N*D table elements; writes N*D, then the result.
     """
-    from .bags import Combiner  # bags imports this module's users lazily; no cycle at import
-    combiner = Combiner.of(combiner)
+    combiner = Pooling.of(combiner)
     table64 = np.asarray(table).astype(np.float64)
     values = np.asarray(values)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -56,12 +56,12 @@ def embedding_bag_reference(table, values, offsets, weights=None, combiner="mean
     bag_of = np.repeat(np.arange(batch), np.diff(offsets))    # [N]
     sums = np.zeros((batch, table64.shape[1]))
     np.add.at(sums, bag_of, table64[values] * w[:, None])     # [B][D]
-    if combiner is Combiner.SUM:
+    if combiner is Pooling.SUM:
         return sums
-    terms = w if combiner is Combiner.MEAN else w * w
+    terms = w if combiner is Pooling.MEAN else w * w
     divisor = np.zeros(batch)
     np.add.at(divisor, bag_of, terms)
-    if combiner is Combiner.SQRTN:
+    if combiner is Pooling.SQRTN:
         divisor = np.sqrt(divisor)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(divisor[:, None] != 0, sums / divisor[:, None], EMPTY_BAG_VALUE)

@@ -15,6 +15,8 @@ import importlib
 import logging
 from types import ModuleType
 
+import numpy as np
+
 log = logging.getLogger("fused_embedding")
 
 # Fastest first, per device. An auto-picked backend that fails to import falls
@@ -110,6 +112,28 @@ NO_BAD_POSITION_BYTE = 0x7F
 NO_BAD_POSITION = int.from_bytes(bytes([NO_BAD_POSITION_BYTE]) * 8, "little")
 
 
+# DLPack device types that live on an NVIDIA GPU (kDLCUDA, kDLCUDAHost is host).
+_DLPACK_CUDA = 2
+_DLPACK_CUDA_MANAGED = 13
+
+
+def device_of(array) -> str:
+    """"cuda" for GPU arrays (CUDA array interface or a CUDA DLPack device), else "cpu"."""
+    if type(array) is np.ndarray:  # the common case, answered without attribute probes
+        return "cpu"
+    if hasattr(array, "__cuda_array_interface__"):
+        return "cuda"
+    dlpack_device = getattr(array, "__dlpack_device__", None)
+    if dlpack_device is not None:
+        try:
+            kind = int(dlpack_device()[0])
+        except Exception:
+            return "cpu"
+        if kind in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
+            return "cuda"
+    return "cpu"
+
+
 # Also filled in by the TF op's compiled kernel (tf_host_op.cc), which gets it at load.
 OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
                         "(expected 0 <= id < {vocab})")
@@ -117,6 +141,20 @@ OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a tabl
 
 def out_of_range_error(bad_id: int, row: int, col: int, vocab: int) -> IndexError:
     return IndexError(OUT_OF_RANGE_MESSAGE.format(id=bad_id, row=row, col=col, vocab=vocab))
+
+
+# The CSR bags op's: a position in values, and the bag it falls in (tf_bags' graph checks too).
+BAG_OUT_OF_RANGE_MESSAGE = ("id {id} at values[{position}] (bag {bag}) is out of range for a table "
+                            "of {vocab} rows (expected 0 <= id < {vocab})")
+
+
+def bag_out_of_range_error(values, offsets, position: int, vocab: int) -> IndexError:
+    """The error for the id at ``values[position]`` (host arrays), naming it, its position,
+    its bag and V."""
+    position = int(position)
+    bag = int(np.searchsorted(offsets, position, side="right")) - 1  # the bag with ids, not an empty one
+    return IndexError(BAG_OUT_OF_RANGE_MESSAGE.format(id=int(values[position]), position=position,
+                                                      bag=bag, vocab=vocab))
 
 
 def raise_bad_id_at(flat_position: int, ids, vocab: int) -> None:

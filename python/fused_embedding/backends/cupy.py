@@ -16,7 +16,7 @@ import numpy as np
 from .. import launch
 from ..semantics import BFLOAT16, Axis, output_shape, table_format
 from ..spec import BoundsCheck
-from . import NO_BAD_POSITION_BYTE, PreparedCall, gpu_staging
+from . import NO_BAD_POSITION_BYTE, PreparedCall, bag_out_of_range_error, device_of, gpu_staging
 
 DEVICE = "cuda"
 
@@ -104,7 +104,6 @@ def prepare(table, ids, axis, mask_zero, out=None, bounds_check=BoundsCheck.RAIS
     """
     import cupy
 
-    from ..api import device_of
     table_on_device = device_of(table) == "cuda"
     ids_on_device = device_of(ids) == "cuda"
     batch, length = ids.shape
@@ -207,8 +206,6 @@ def prepare_bags(table, values, offsets, weights, pooling, out=None,
     offsets [B + 1], weights None or [N] float32 (host or device); out None or [B][D]."""
     import cupy
 
-    from .. import bags as bags_module
-    from ..api import device_of
     table_on_device = device_of(table) == "cuda"
     batch = offsets.shape[0] - 1
     vocab, dim = table.shape
@@ -260,7 +257,7 @@ def prepare_bags(table, values, offsets, weights, pooling, out=None,
     positions = int(values.shape[0])
 
     def error_at(position):  # only on the error path
-        return bags_module.bag_out_of_range_error(d_values.get(), d_offsets.get(), position, vocab)
+        return bag_out_of_range_error(d_values.get(), d_offsets.get(), position, vocab)
 
     def finish():
         if bounds_check is BoundsCheck.DEFERRED:

@@ -20,7 +20,8 @@ import numpy as np
 from .. import launch
 from ..semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, Axis, output_shape, table_format
 from ..spec import BoundsCheck
-from . import NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, cuda_simulated, gpu_staging
+from . import (NO_BAD_POSITION, NO_BAD_POSITION_BYTE, PreparedCall, bag_out_of_range_error, cuda_simulated,
+               device_of, gpu_staging)
 
 DEVICE = "cuda"
 
@@ -59,7 +60,6 @@ def memory_limit_bytes() -> int:
 
 
 def _on_device(array) -> bool:
-    from ..api import device_of
     return device_of(array) == "cuda"
 
 
@@ -324,7 +324,6 @@ def prepare_bags(table, values, offsets, weights, pooling, out=None,
     """The CSR bags kernel (kernels/cuda_bags.py) staged like ``prepare``: table [V][D],
     values [N] int32/int64, offsets [B + 1] int64, weights None or [N] float32 (host or
     device), pooling a spec.Pooling; out None or [B][D] of the table's dtype."""
-    from .. import bags as bags_module
     from ..kernels import cuda_bags
     batch = offsets.shape[0] - 1
     vocab, dim = table.shape
@@ -352,7 +351,7 @@ def prepare_bags(table, values, offsets, weights, pooling, out=None,
     def error_at(position):  # only on the error path: device ids cost a copy back
         host_values = _to_host(d_values) if on_device[0] else values
         host_offsets = _to_host(d_offsets) if on_device[1] else offsets
-        return bags_module.bag_out_of_range_error(host_values, host_offsets, position, vocab)
+        return bag_out_of_range_error(host_values, host_offsets, position, vocab)
 
     def finish():
         if bounds_check is BoundsCheck.DEFERRED:
