@@ -1,0 +1,187 @@
+"""`fused-embedding bench --bags`: the workload, the providers against the reference, a real tiny run."""
+import json
+
+import numpy as np
+import pytest
+
+from fused_embedding import bytes_model, cli
+from fused_embedding import providers as P
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BAG_KEYS = {"kind", "device", "provider", "batch", "mean_length", "max_length", "dim", "vocab", "ids",
+            "dtype", "combiner", "weighted", "id_sets", "status", "note"}
+BAG_TIMED_KEYS = {"times_ms", "median_ms", "p20_ms", "p80_ms", "values", "bytes", "gb_per_s", "pct_of_copy",
+                  "pct_of_read", "baseline", "speedup", "target"}
+TINY = ["bench", "--bags", "--sizes", "16,4,8,300", "--repeats", "5", "--no-progress", "--seed", "11"]
+
+
+def run_main(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- the workload --------------------------------------------------------------
+
+def test_the_workload_is_the_issues():
+    cases = P.bag_cases()
+    assert [(c.dim, c.ids) for c in cases] == [(d, ids) for d in (64, 16, 256) for ids in ("zipf", "uniform")]
+    for c in cases:
+        assert (c.batch, c.mean_length, c.max_length, c.vocab, c.dtype, c.zipf_a) == \
+            (4096, 32, 1000, 2_000_000, "fp32", 1.2)
+
+
+def test_bag_sets_are_seeded_and_in_range():
+    case = P.BagCase(5000, 32, 100, 8, 1000, "zipf")
+    perm = np.random.default_rng(0).permutation(case.vocab)
+
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        return P.random_bag_sets(rng, case, [P.bag_lengths(rng, case)], perm)[0]
+
+    a, b = draw(3), draw(3)
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets)
+    assert not np.array_equal(draw(4).values, a.values)
+    lengths = np.diff(a.offsets)
+    assert a.offsets[0] == 0 and a.offsets[-1] == a.values.size == a.weights.size
+    assert lengths.min() >= 1 and lengths.max() <= 100
+    assert 28 < lengths.mean() < 34  # geometric, mean 32, a few capped at 100
+    assert a.values.dtype == np.int64 and a.weights.dtype == np.float32
+    assert 0 <= a.values.min() and a.values.max() < case.vocab
+    # Zipf: the hottest row takes a large share (rank 1 has 1 / zeta(1.2) ~ 18%), and it is
+    # the shuffled row perm[0], not row 0.
+    hot, count = np.unique(a.values, return_counts=True)
+    assert hot[np.argmax(count)] == perm[0] and count.max() > 0.1 * a.values.size
+    uniform = P.random_bag_sets(np.random.default_rng(1), P.BagCase(5000, 32, 100, 8, 1000, "uniform"),
+                                [lengths])[0]
+    assert np.bincount(uniform.values, minlength=1000).max() < 0.01 * uniform.values.size
+
+
+def test_bag_bytes_by_hand():
+    # N=10 int64 ids, B=3 bags (4 int64 offsets), D=4 float32: 80 + 32 + rows 160 + output 48;
+    # weighted adds 10 float32 weights.
+    assert bytes_model.bag_bytes(10, 3, 4, np.float32, np.int64, False) == 80 + 32 + 160 + 48
+    assert bytes_model.bag_bytes(10, 3, 4, np.float32, np.int64, True) == 80 + 32 + 40 + 160 + 48
+    s = P.BagSet(np.zeros(10, np.int64), np.array([0, 3, 3, 10]), np.ones(10, np.float32))
+    assert P.bag_set_bytes(s, 4, np.float32, True) == 80 + 32 + 40 + 160 + 48
+
+
+@pytest.mark.parametrize("name", [p.name for p in P.bag_providers()])
+def test_every_bag_provider_matches_the_reference(rng, name):
+    provider = next(p for p in P.bag_providers() if p.name == name)
+    if provider.unavailable_reason() is not None:
+        pytest.skip(provider.unavailable_reason())
+    assert P.validate_bag_provider(provider, rng) is None
+
+
+# --- a real run on tiny shapes ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bags_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-bags")
+    results_md = out / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n\n## CPU\n\nkept as it is\n")
+    code = cli.main(TINY + ["--out", str(out), "--results-md", str(results_md)])
+    return code, out, results_md
+
+
+def test_bags_run_writes_its_rows_json_plot_and_section(bags_run):
+    code, out, results_md = bags_run
+    assert code == 0
+    results = json.loads((out / cli.RESULTS_JSON).read_text())
+    assert results["kind"] == "bags" and results["schema"] == cli.SCHEMA_VERSION
+    assert results["command"].startswith("fused-embedding bench --bags --sizes 16,4,8,300")
+    assert {"date", "seed", "machine", "versions", "bytes_model", "copy", "read", "load_average", "skipped",
+            "validation", "measurements", "targets"} <= set(results)
+    assert results["read"]["cpu"]["gb_per_s"] > 0
+    assert results["validation"] and all(v["passed"] for v in results["validation"])
+    names = [p.name for p in P.bag_providers()]
+    skipped = {s["provider"]: s["reason"] for s in results["skipped"]}
+    ms = results["measurements"]
+    # Every case (Zipf and uniform ids) x every provider that runs here; the others skipped with a reason.
+    assert {(m["ids"], m["provider"]) for m in ms} == {(ids, n) for ids in ("zipf", "uniform")
+                                                       for n in names if n not in skipped}
+    assert all(reason for reason in skipped.values())
+    timed = {(m["ids"], m["provider"]): m for m in ms}
+    for m in ms:
+        assert BAG_KEYS <= set(m) and m["status"] == "ok", m
+        assert BAG_TIMED_KEYS <= set(m)
+        assert (m["batch"], m["mean_length"], m["dim"], m["vocab"]) == (16, 4, 8, 300)
+        assert 5 <= len(m["times_ms"]) <= 5 and m["p20_ms"] <= m["median_ms"] <= m["p80_ms"]
+        assert m["bytes"] == pytest.approx(bytes_model.bag_bytes(m["values"], 16, 8, np.float32, np.int64,
+                                                                 m["weighted"]), abs=1)
+        assert m["gb_per_s"] == pytest.approx(m["bytes"] / (m["median_ms"] / 1e3) / 1e9, rel=1e-6)
+        assert m["pct_of_read"] == pytest.approx(100 * m["gb_per_s"] / results["read"]["cpu"]["gb_per_s"])
+        provider = next(p for p in P.bag_providers() if p.name == m["provider"])
+        if provider.baseline is not None and provider.baseline not in skipped:
+            base = timed[(m["ids"], provider.baseline)]
+            assert m["baseline"] == provider.baseline and m["target"] == provider.target
+            assert m["speedup"] == pytest.approx(base["median_ms"] / m["median_ms"])
+        else:
+            assert m["speedup"] is None
+    # Every provider of a case rotates among the same bag lengths.
+    for ids in ("zipf", "uniform"):
+        assert len({m["values"] for m in ms if m["ids"] == ids}) == 1
+    targets = {(t["what"], t["case"].split()[-2]) for t in results["targets"]}
+    assert ("fused-bag[mean] % of read bandwidth", "uniform") in targets
+    if "tf-lookup-sparse[ragged]" not in skipped:
+        assert ("tf-op-bag[ragged] over tf-lookup-sparse[ragged]", "zipf") in targets
+
+    assert (out / cli.RESULTS_PNG).read_bytes().startswith(PNG_SIGNATURE)
+    text = results_md.read_text()
+    assert "kept as it is" in text and cli.BAG_MD_HEADING in text
+    begin = cli.MD_BEGIN.format(device="BAGS", generator=cli.BAG_MD_GENERATOR)
+    assert text.index(cli.BAG_MD_HEADING) < text.index(begin) < text.index("| fused-bag[mean] |")
+    assert "Targets:" in text and results["machine"]["cpu"] in text
+    assert (out / cli.RESULTS_MD).read_text().startswith(cli.BAG_MD_HEADING)
+
+
+def test_a_wrong_bag_provider_fails_validation_and_is_not_timed(capsys, tmp_path, monkeypatch):
+    from fused_embedding import bags
+    correct = bags.embedding_bag
+
+    def off_by_a_little(*args, **kwargs):
+        out = correct(*args, **kwargs)
+        out[:, -1] += np.float32(1e-2)
+        return out
+
+    monkeypatch.setattr(bags, "embedding_bag", off_by_a_little)
+    code, out, err = run_main(TINY + ["--out", str(tmp_path)], capsys)
+    assert code == 1
+    assert "VALIDATION FAILED fused-bag[mean]" in err and "elements differ" in err
+    results = json.loads((tmp_path / cli.RESULTS_JSON).read_text())
+    failed = {v["provider"] for v in results["validation"] if not v["passed"]}
+    assert {"fused-bag[mean]", "fused-bag[sum,w]"} <= failed
+    for m in results["measurements"]:
+        if m["provider"] in failed:
+            assert m["status"] == "skipped" and m["note"] == "failed validation: not timed"
+    assert "skipped: failed validation: not timed" in out
+
+
+def test_without_torch_its_rows_are_skipped_with_the_reason(capsys, tmp_path, monkeypatch):
+    missing = "torch is not installed (simulated)"
+    for name in ("torch-bag[mean]", "torch-bag[sum,w]"):
+        monkeypatch.setitem(P._probes, name, missing)
+    code, out, _ = run_main(TINY + ["--out", str(tmp_path)], capsys)
+    assert code == 0
+    results = json.loads((tmp_path / cli.RESULTS_JSON).read_text())
+    assert {("torch-bag[mean]", missing), ("torch-bag[sum,w]", missing)} <= \
+        {(s["provider"], s["reason"]) for s in results["skipped"]}
+    core = [m for m in results["measurements"] if m["provider"].startswith("fused-bag")]
+    assert core and all(m["status"] == "ok" and m["speedup"] is None for m in core)
+    assert "Not run: torch-bag[mean] (torch is not installed (simulated))" in \
+        (tmp_path / cli.RESULTS_MD).read_text()
+
+
+def test_bags_arguments(capsys, tmp_path):
+    code, _, err = run_main(["bench", "--bags", "--sizes", "8,4", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "has 2 fields" in err
+    code, _, err = run_main(["bench", "--bags", "--device", "gpu", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device gpu" in err
+    code, _, err = run_main(["bench", "--bags", "--sizes", "8,4,4096,100000000", "--out", str(tmp_path)],
+                            capsys)
+    assert code == 2 and "more than a quarter of this machine" in err
+    assert not any(tmp_path.iterdir())
