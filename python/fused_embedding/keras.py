@@ -5,14 +5,24 @@ it owns the (input_dim, output_dim) ``embeddings`` variable and calls the fused
 TF op on it. ``fuse(model)`` swaps every such pair in a model for one; ``unfuse``
 swaps them back (native Keras layers, for tools that need them).
 
+Each rewrite keeps the pair's settings: the Embedding's name (``get_layer`` finds
+the fused layer under it), ``trainable``, dtype policy, ``mask_zero``, initializer,
+regularizer and constraint, and the pooling's ``activity_regularizer``. A pair whose
+settings one EmbeddingMean cannot express is left native, with a warning on the
+``fused_embedding`` logger that says why (``_why_not_fusible``).
+
 Keras 3 with the TensorFlow backend only (the op is a TF op).
 """
 from __future__ import annotations
+
+import logging
 
 import keras
 import numpy as np
 
 from . import tf as fused_tf
+
+log = logging.getLogger("fused_embedding")
 
 _DATA_FORMATS = {"channels_last": 1, "channels_first": 2}
 
@@ -132,8 +142,18 @@ class EmbeddingMean(keras.layers.Layer):
     def from_layers(cls, embedding, pooling, name=None, backend=None) -> "EmbeddingMean":
         """One EmbeddingMean for a built ``Embedding -> GlobalAveragePooling1D`` pair.
 
-        It shares the Embedding's ``embeddings`` variable (no copy of the table):
-        both layers then read, and train, the same weights.
+        It shares the Embedding's (input_dim, output_dim) ``embeddings`` variable (no
+        copy of the table): both layers then read, and train, the same weights. It
+        takes the Embedding's name (unless ``name`` is given), ``mask_zero``,
+        initializer, regularizer, constraint, dtype policy and ``trainable`` (a frozen
+        table stays frozen, and ``layer.trainable = True`` unfreezes it as it would the
+        Embedding), and the pooling's ``data_format`` and ``activity_regularizer``
+        (applied to this layer's (B, output_dim) / (B, L) output, which is the
+        pooling's).
+
+        Raises TypeError for other layer types, and ValueError for an unbuilt
+        Embedding, a ``keepdims=True`` pooling, or a pair one EmbeddingMean cannot
+        stand for (the reason ``fuse`` gives when it leaves such a pair native).
         """
         if not isinstance(embedding, keras.layers.Embedding):
             raise TypeError(f"embedding must be a keras.layers.Embedding, got {type(embedding).__name__}")
@@ -146,22 +166,41 @@ class EmbeddingMean(keras.layers.Layer):
         if not embedding.built:
             raise ValueError(f"the Embedding {embedding.name!r} is not built yet: call it on ids "
                              f"(or build it) first, so that it has weights to carry over")
-        if embedding.quantization_mode or getattr(embedding, "lora_enabled", False):
-            raise ValueError(f"the Embedding {embedding.name!r} is quantized or has LoRA weights; "
-                             f"only a plain float table can be fused")
+        reason = _why_not_fusible(embedding, pooling)
+        if reason:
+            raise ValueError(f"the Embedding {embedding.name!r} -> {pooling.name!r} pair cannot be "
+                             f"fused: {reason}")
+        table = embedding.embeddings
+        trainable = bool(embedding.trainable and table.trainable)
         layer = cls(embedding.input_dim, embedding.output_dim, data_format=pooling.data_format,
                     mask_zero=bool(embedding.mask_zero),
                     embeddings_initializer=embedding.embeddings_initializer,
                     embeddings_regularizer=embedding.embeddings_regularizer,
                     embeddings_constraint=embedding.embeddings_constraint,
-                    backend=backend, dtype=embedding.dtype_policy,
-                    name=name or f"{embedding.name}_mean")
-        layer.embeddings = embedding.embeddings
+                    activity_regularizer=pooling.activity_regularizer,
+                    backend=backend, dtype=embedding.dtype_policy, trainable=trainable,
+                    name=name or embedding.name)
+        # Tracked among the layer's trainable variables, as add_weight tracks the
+        # Embedding's, so that a later `layer.trainable = True` reaches it; a layer
+        # that is not trainable freezes it again as it tracks it.
+        table.trainable = True
+        try:
+            layer.embeddings = table
+        finally:
+            table.trainable = trainable
         layer.built = True
         return layer
 
-    def to_layers(self) -> tuple[keras.layers.Embedding, keras.layers.GlobalAveragePooling1D]:
-        """The native pair (new layers; the Embedding gets a copy of this layer's table)."""
+    def to_layers(self, embedding_name=None, pooling_name=None
+                  ) -> tuple[keras.layers.Embedding, keras.layers.GlobalAveragePooling1D]:
+        """The native pair (new layers; the Embedding gets a copy of this layer's table).
+
+        Named ``embedding_name`` (default: this layer's name, so ``get_layer`` finds
+        the table under the same name) and ``pooling_name`` (default
+        ``<name>_pooling``); both take this layer's dtype policy, the Embedding its
+        ``trainable``, ``mask_zero``, initializer, regularizer and constraint, the
+        pooling its ``activity_regularizer``.
+        """
         if self.mask_zero and self.data_format == "channels_first":
             raise ValueError(f"{self.name}: Keras' GlobalAveragePooling1D(data_format='channels_first') "
                              f"cannot take Embedding(mask_zero=True)'s mask (it fails unless L equals "
@@ -171,22 +210,64 @@ class EmbeddingMean(keras.layers.Layer):
             embeddings_initializer=self.embeddings_initializer,
             embeddings_regularizer=self.embeddings_regularizer,
             embeddings_constraint=self.embeddings_constraint,
-            dtype=self.dtype_policy, name=f"{self.name}_embedding")
+            trainable=bool(self.trainable and self.embeddings.trainable),
+            dtype=self.dtype_policy, name=embedding_name or self.name)
         embedding.build((None, None))
         embedding.embeddings.assign(self.embeddings)
-        pooling = keras.layers.GlobalAveragePooling1D(data_format=self.data_format,
-                                                      name=f"{self.name}_pooling")
+        pooling = keras.layers.GlobalAveragePooling1D(
+            data_format=self.data_format, activity_regularizer=self.activity_regularizer,
+            dtype=self.dtype_policy, name=pooling_name or f"{self.name}_pooling")
         return embedding, pooling
+
+
+def _why_not_fusible(embedding, pooling) -> str | None:
+    """Why one EmbeddingMean cannot stand for this ``Embedding -> GlobalAveragePooling1D``
+    pair, or None when it can."""
+    if embedding.quantization_mode:
+        return (f"its table is quantized ({embedding.quantization_mode}); only float tables are "
+                f"fused so far")
+    if getattr(embedding, "lora_enabled", False):
+        return ("it has LoRA weights (its table is embeddings plus a scaled lora_embeddings_a @ "
+                "lora_embeddings_b, which the fused op does not compute)")
+    if embedding.activity_regularizer is not None:
+        return ("its activity_regularizer adds a loss on its (B, L, D) output, which the fused "
+                "layer never makes")
+    if embedding.compute_dtype != pooling.compute_dtype:
+        return (f"the Embedding computes in {embedding.compute_dtype} and the pooling in "
+                f"{pooling.compute_dtype} (the pair gives {pooling.compute_dtype}); one "
+                f"EmbeddingMean has one dtype policy")
+    return None
+
+
+def _left_native(embedding, pooling) -> bool:
+    """True, with a warning saying why, when fuse must leave this pair as it is."""
+    reason = _why_not_fusible(embedding, pooling)
+    if reason:
+        log.warning("fuse: left %r -> %r as native Keras layers: %s", embedding.name, pooling.name, reason)
+    return reason is not None
+
+
+def _unique_name(base, taken) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first not in ``taken`` (which it joins)."""
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
 
 
 def _fusible_pairs(model) -> dict:
     """{id(pooling): (embedding, pooling)} for each Embedding whose output feeds only a GAP1D."""
     model_outputs = {id(t) for t in model.outputs}
+    # A pooling computing in another dtype leaves an unused Cast node on the Embedding
+    # (its autocast, traced while the model was built): only the model's own count.
+    operations = {id(operation) for operation in model.operations}
     pairs = {}
     for layer in model.layers:
         if not isinstance(layer, keras.layers.Embedding) or len(layer._inbound_nodes) != 1:
             continue
-        consumers = layer._outbound_nodes
+        consumers = [node for node in layer._outbound_nodes if id(node.operation) in operations]
         if len(consumers) != 1 or not isinstance(consumers[0].operation, keras.layers.GlobalAveragePooling1D):
             continue
         pooling = consumers[0].operation
@@ -194,16 +275,19 @@ def _fusible_pairs(model) -> dict:
             continue  # (B, 1, D) out: not what EmbeddingMean gives
         if len(pooling._inbound_nodes) != 1 or id(layer.output) in model_outputs:
             continue  # shared pooling, or the embeddings are also a model output
+        if _left_native(layer, pooling):
+            continue
         pairs[id(pooling)] = (layer, pooling)
     return pairs
 
 
-def _check_int_ids(tensor, layer):
+def _check_int_ids(tensor, layer, hint=""):
+    """TypeError unless ``tensor`` (the ids fed to the Embedding ``layer``) is int32 / int64."""
     dtype = keras.backend.standardize_dtype(tensor.dtype)
     if dtype not in ("int32", "int64"):
-        raise TypeError(f"cannot fuse {layer.name!r}: its ids are {dtype} (Embedding truncates float "
-                        f"ids, EmbeddingMean refuses them); build the model on "
-                        f"keras.Input(..., dtype='int32')")
+        raise TypeError(f"cannot fuse {layer.name!r}: its ids are {dtype}, expected int32 or int64 "
+                        f"(Embedding truncates float ids, EmbeddingMean refuses them){hint}; build "
+                        f"the model on keras.Input(..., dtype='int32')")
 
 
 def fuse(model, backend=None):
@@ -213,7 +297,15 @@ def fuse(model, backend=None):
     Embedding is fused when it is called once and its output goes to exactly one
     GlobalAveragePooling1D and nowhere else. Other layers are reused as they are
     (same objects, same weights); each EmbeddingMean shares its Embedding's
-    variable. The ids must be int32/int64 inputs.
+    variable and takes its name, so ``fused.get_layer("<embedding name>")`` is the
+    EmbeddingMean that replaced it (``.embeddings`` the same (V, D) variable). The
+    ids must be int32/int64 inputs.
+
+    A pair one EmbeddingMean cannot stand for is left native (same layer objects),
+    with a warning on the ``fused_embedding`` logger saying why: a quantized or
+    LoRA Embedding, an Embedding with an ``activity_regularizer`` (its loss is on
+    the (B, L, D) rows the fused layer never makes), or a pooling whose compute
+    dtype is not the Embedding's.
 
     Returns a new model; ``model`` is unchanged. Outputs equal the original's up
     to float rounding, except where Keras gives NaN (all-padding bags: zeros here).
@@ -241,16 +333,21 @@ def unfuse(model):
     """The inverse of ``fuse``: every EmbeddingMean becomes ``Embedding -> GlobalAveragePooling1D``.
 
     Native Keras layers only, for tools that need them. Other layers are reused as
-    they are. Raises ValueError for a ``channels_first`` + ``mask_zero`` layer, which
-    Keras' pooling cannot express.
+    they are. Each Embedding takes its EmbeddingMean's name (``get_layer`` finds the
+    table under the same name before and after), its pooling ``<name>_pooling`` (or
+    ``<name>_pooling_1``, ... where the model has that name already). Raises
+    ValueError for a ``channels_first`` + ``mask_zero`` layer, which Keras' pooling
+    cannot express.
     """
     _check_backend()
     if isinstance(model, keras.Sequential):
         return _rewrite_sequential(model, _unfuse_layer_list, None)
+    taken = {layer.name for layer in model.layers}
 
     def call_function(layer, *args, **kwargs):
         if isinstance(layer, EmbeddingMean):
-            embedding, pooling = layer.to_layers()
+            embedding, pooling = layer.to_layers(
+                pooling_name=_unique_name(f"{layer.name}_pooling", taken))
             return pooling(embedding(args[0]))
         return layer(*args, **kwargs)
 
@@ -265,7 +362,8 @@ def _fuse_layer_list(layers, backend):
         following = layers[i + 1] if i + 1 < len(layers) else None
         if (isinstance(layer, keras.layers.Embedding)
                 and isinstance(following, keras.layers.GlobalAveragePooling1D)
-                and not getattr(following, "keepdims", False)):
+                and not getattr(following, "keepdims", False)
+                and not _left_native(layer, following)):
             out.append(EmbeddingMean.from_layers(layer, following, backend=backend))
             i += 2
         else:
@@ -275,9 +373,13 @@ def _fuse_layer_list(layers, backend):
 
 
 def _unfuse_layer_list(layers, _backend):
+    taken = {layer.name for layer in layers}
     out = []
     for layer in layers:
-        out.extend(layer.to_layers() if isinstance(layer, EmbeddingMean) else [layer])
+        if isinstance(layer, EmbeddingMean):
+            out.extend(layer.to_layers(pooling_name=_unique_name(f"{layer.name}_pooling", taken)))
+        else:
+            out.append(layer)
     return out
 
 
@@ -287,6 +389,8 @@ def _rewrite_sequential(model, rewrite, backend):
         return keras.Sequential(layers, name=model.name)
     (model_input,) = model.inputs
     if layers and isinstance(layers[0], EmbeddingMean):
-        _check_int_ids(model_input, layers[0])
+        # layers[0] carries the user's Embedding's name.
+        _check_int_ids(model_input, layers[0], hint=" (a Sequential model built without a "
+                                                    "keras.Input gets Keras' default float32 input)")
     new_input = keras.Input(batch_shape=model_input.shape, dtype=model_input.dtype)
     return keras.Sequential([new_input, *layers], name=model.name)
