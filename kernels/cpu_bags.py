@@ -216,3 +216,31 @@ def embedding_bag_serial(table, values, offsets, weights, weighted, combiner, fm
     """_embedding_bag on the calling thread."""
     return _embedding_bag(table, values, offsets, weights, weighted, combiner, fmt, n_chunks,
                           rows_ahead, out)
+
+
+@njit(cache=True, nogil=True)
+def offsets_of_rows(rows, offsets):
+    """CSR offsets from the row of each id of a 2-D SparseTensor, in one pass.  [B + 1]
+
+    rows: [N] int64, the ids' rows (``indices[:, 0]``, any stride), which must be in
+    canonical order (non-decreasing) and in [0, B). offsets: [B + 1] int64, written:
+    offsets[b] = the position of the first id in a row >= b, offsets[B] = N. Returns -1,
+    or the first position whose row is out of order or outside [0, B) (the offsets are
+    then incomplete).
+    """
+    batch = offsets.shape[0] - 1
+    offsets[0] = 0
+    b = 0       # offsets[:b + 1] are written
+    last = 0    # the row of the previous id
+    for p in range(rows.shape[0]):
+        r = rows[p]
+        if r < last or r >= batch:
+            return p
+        while b < r:
+            b += 1
+            offsets[b] = p
+        last = r
+    while b < batch:
+        b += 1
+        offsets[b] = rows.shape[0]
+    return -1

@@ -185,3 +185,67 @@ def test_bags_arguments(capsys, tmp_path):
                             capsys)
     assert code == 2 and "more than a quarter of this machine" in err
     assert not any(tmp_path.iterdir())
+
+
+# --- the fast forms the bench times: tf.function on ragged and sparse ids ------------
+
+@pytest.mark.parametrize("kind", ["sparse", "ragged"])
+@pytest.mark.parametrize("combiner", ["mean", "sum", "sqrtn"])
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+def test_safe_drop_in_prunes_in_its_body_with_tfs_results_and_gradients(rng, kind, combiner, mode):
+    """The safe drop-in drops ids < 0 and weights <= 0 inside its body (no tf.sparse.retain
+    on the forward path): results, table gradients and weight gradients (zero where pruned)
+    equal TF's safe_embedding_lookup_sparse."""
+    tf = pytest.importorskip("tensorflow")
+    from fused_embedding.tf import safe_embedding_lookup_sparse
+    vocab, dim = 50, 12
+    table = rng.standard_normal((vocab, dim), dtype=np.float32)
+    lengths = rng.integers(0, 6, size=9)
+    lengths[0] = 0
+    values = rng.integers(0, vocab, size=int(lengths.sum())).astype(np.int64)
+    values[::4] = -1
+    weights = rng.uniform(0.1, 2.0, size=values.size).astype(np.float32)
+    weights[1::5] = 0.0
+    weights[2::7] = -0.5
+    upstream = tf.constant(rng.standard_normal((lengths.size, dim), dtype=np.float32))
+
+    def gradients(lookup, as_function):
+        variable, w = tf.Variable(table), tf.Variable(weights)
+
+        def loss_and_grads():
+            with tf.GradientTape() as tape:
+                ids = tf.RaggedTensor.from_row_lengths(tf.constant(values), lengths)
+                sp_w = tf.RaggedTensor.from_row_lengths(w, lengths)
+                if kind == "sparse" or lookup is tf.nn.safe_embedding_lookup_sparse:
+                    ids, sp_w = ids.to_sparse(), sp_w.to_sparse()
+                out = lookup(variable, ids, sp_w, combiner=combiner)
+                loss = tf.reduce_sum(out * upstream)
+            table_grad, weight_grad = tape.gradient(loss, [variable, w])
+            return out, tf.convert_to_tensor(table_grad), weight_grad
+        run = tf.function(loss_and_grads) if as_function else loss_and_grads
+        return [np.asarray(t) for t in run()]
+
+    ours = gradients(safe_embedding_lookup_sparse, mode == "tf.function")
+    theirs = gradients(tf.nn.safe_embedding_lookup_sparse, False)
+    for got, expected in zip(ours, theirs):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    pruned = (values < 0) | ((weights <= 0) if combiner != "sum" else False)
+    assert np.all(ours[2][pruned] == 0)
+
+
+def test_sparse_rows_are_checked_in_the_body(rng):
+    tf = pytest.importorskip("tensorflow")
+    from fused_embedding.tf import embedding_lookup_sparse
+    table = tf.constant(rng.standard_normal((20, 4), dtype=np.float32))
+    lookup = tf.function(lambda t, i: embedding_lookup_sparse(t, i))
+    disordered = tf.SparseTensor([[1, 0], [0, 0]], tf.constant([3, 4], tf.int64), [2, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="canonical row-major order"):
+        lookup(table, disordered)
+    outside = tf.SparseTensor([[0, 0], [3, 0]], tf.constant([3, 4], tf.int64), [2, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"row 3 \(values\[1\]\), outside its dense_shape's 2"):
+        lookup(table, outside)
+    fine = tf.SparseTensor([[0, 0], [0, 1], [3, 0]], tf.constant([3, 4, 5], tf.int64), [5, 2])
+    ours = np.asarray(lookup(table, fine))
+    theirs = np.asarray(tf.nn.embedding_lookup_sparse(table, fine, None))  # drops the trailing empty row
+    np.testing.assert_allclose(ours[:4], theirs, rtol=1e-6)
+    assert ours.shape == (5, 4) and not ours[4].any()

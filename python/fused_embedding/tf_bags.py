@@ -44,9 +44,11 @@ def _is_single_table(params) -> bool:
     return not isinstance(params, (list, tuple, PartitionedVariable))
 
 
-def _csr(sp_ids, sp_weights):
+def _csr(sp_ids, sp_weights, offsets_needed=True):
     """(values [N], offsets [B + 1] int64, weights [N] float32 or None) of a 2-D SparseTensor
-    or RaggedTensor of ids, and checks that make the conversion exact."""
+    or RaggedTensor of ids, and checks that make the conversion exact. ``offsets_needed=False``:
+    a SparseTensor's offsets (and their order check) are left out (None): the fused body
+    makes and checks them."""
     checks = []
     if isinstance(sp_ids, tf.RaggedTensor):
         if sp_ids.ragged_rank != 1 or sp_ids.flat_values.shape.rank != 1:
@@ -65,15 +67,15 @@ def _csr(sp_ids, sp_weights):
     elif isinstance(sp_ids, tf.SparseTensor):
         if sp_ids.shape.rank is not None and sp_ids.shape.rank != 2:
             raise ValueError(f"sp_ids must be a 2-D SparseTensor (B, L), got shape {sp_ids.shape}")
-        rows = sp_ids.indices[:, 0]
-        batch = sp_ids.dense_shape[0]
-        # CSR needs each row's ids together, in row order: TF's canonical order, which its
-        # own ops assume without checking (out of order, they give wrong sums).
-        checks.append(tf.debugging.assert_non_negative(
-            rows[1:] - rows[:-1], message="sp_ids must be in canonical row-major order "
-                                          "(tf.sparse.reorder makes it so)"))
-        counts = tf.math.bincount(rows, minlength=batch, maxlength=batch, dtype=tf.int64)
-        offsets = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(counts)], 0)
+        offsets = None
+        if offsets_needed:
+            rows = sp_ids.indices[:, 0]
+            batch = sp_ids.dense_shape[0]
+            # CSR needs each row's ids together, in row order: TF's canonical order, which its
+            # own ops assume without checking (out of order, they give wrong sums).
+            checks.append(tf.debugging.assert_non_negative(rows[1:] - rows[:-1], message=CANONICAL_ORDER_MESSAGE))
+            counts = tf.math.bincount(rows, minlength=batch, maxlength=batch, dtype=tf.int64)
+            offsets = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(counts)], 0)
         values = sp_ids.values
         weights = None
         if sp_weights is not None:
@@ -94,14 +96,77 @@ def _csr(sp_ids, sp_weights):
     return values, offsets, weights, checks
 
 
-def _core_body(combiner: str, weighted: bool):
-    """The numpy_function body: TF's buffers in, the core op's (B, D) result out."""
-    from .bags import embedding_bag
+CANONICAL_ORDER_MESSAGE = "sp_ids must be in canonical row-major order (tf.sparse.reorder makes it so)"
+ROW_OUTSIDE_MESSAGE = ("sp_ids has an id in row {row} (values[{position}]), outside its dense_shape's "
+                       "{batch} rows")
 
-    def run(table, values, offsets, *weights):
+
+class _Bags:
+    """Bags as TF hands them over, for the fused op.
+
+    form "ragged": ``inputs`` = (values [N], row_splits [B + 1] int64); form "sparse":
+    (indices [N][2] int64, values [N], B): the numpy_function body makes the offsets from
+    the indices' rows in one pass (and checks their order), where TF ops would take
+    several passes over N. weights: [N] float32 or None, as given (before any pruning).
+    prune_ids / prune_weights: the safe op's rules, applied by the body (ids < 0 dropped;
+    weights <= 0 dropped), only where there is something to drop. checks: TF assertions
+    run before the body. csr(): (values, offsets, weights, kept positions or None) of the
+    same bags as TF ops, pruned, for the export twin and the gradients; traced only
+    where it is called.
+    """
+
+    def __init__(self, form, inputs, weights, checks, csr, prune_ids=False, prune_weights=False):
+        self.form, self.inputs, self.weights, self.checks, self.csr = form, list(inputs), weights, checks, csr
+        self.prune_ids, self.prune_weights = prune_ids, prune_weights
+
+
+def _bags(sp_ids, sp_weights, csr=None, prune_ids=False, prune_weights=False) -> _Bags:
+    """A 2-D SparseTensor or RaggedTensor of ids (and weights) as _Bags; ``csr`` defaults to
+    ``_csr``'s TF ops on the same tensors (no pruning)."""
+    values, offsets, weights, checks = _csr(sp_ids, sp_weights, offsets_needed=False)
+    if csr is None:
+        def csr():
+            v, o, w, _ = _csr(sp_ids, sp_weights)
+            return v, o, w, None
+    if isinstance(sp_ids, tf.RaggedTensor):
+        return _Bags("ragged", [values, offsets], weights, checks, csr, prune_ids, prune_weights)
+    return _Bags("sparse", [sp_ids.indices, values, sp_ids.dense_shape[0]], weights, checks, csr,
+                 prune_ids, prune_weights)
+
+
+def _core_body(combiner: str, weighted: bool, form: str, prune_ids: bool = False, prune_weights: bool = False):
+    """The numpy_function body: TF's buffers in (as _Bags' inputs, then the weights), the core
+    op's (B, D) result out."""
+    from .bags import embedding_bag
+    from .kernels.cpu_bags import offsets_of_rows
+
+    def run(table, *args):
+        if form == "sparse":
+            indices, values, batch = args[:3]
+        else:
+            values, offsets = args[:2]
+        weights = args[-1] if weighted else None
+        keep = None
+        if prune_ids and values.size and values.min() < 0:
+            keep = values >= 0
+        if prune_weights and weights is not None and not (weights > 0).all():
+            keep = weights > 0 if keep is None else keep & (weights > 0)
+        if keep is not None:
+            values = values[keep]
+            weights = None if weights is None else weights[keep]
+        if form == "sparse":
+            rows = indices[:, 0] if keep is None else indices[keep, 0]
+            offsets = np.empty(int(batch) + 1, dtype=np.int64)
+            bad = offsets_of_rows(rows, offsets)
+            if bad >= 0:
+                row = int(rows[bad])
+                raise ValueError(CANONICAL_ORDER_MESSAGE if 0 <= row < int(batch) else
+                                 ROW_OUTSIDE_MESSAGE.format(row=row, position=bad, batch=int(batch)))
+        elif keep is not None:
+            kept_before = np.concatenate([[0], np.cumsum(keep)])  # [N + 1] ids kept before each position
+            offsets = kept_before[offsets]
         try:
-            return embedding_bag(table, values, offsets, weights=weights[0] if weighted else None,
-                                 combiner=combiner)
+            return embedding_bag(table, values, offsets, weights=weights, combiner=combiner)
         except IndexError as exc:  # numpy_function maps ValueError to InvalidArgumentError
             raise ValueError(str(exc)) from exc
     return run
@@ -169,26 +234,30 @@ def _gradients(table, values, offsets, weights, pooling: Pooling, upstream):
     return table_grad, weight_grad
 
 
-def _fused_bag(table, values, offsets, weights, pooling: Pooling, checks):
+def _fused_bag(table, bags: _Bags, pooling: Pooling):
     """(B, D) of the table's dtype: the core op eagerly, numpy_function in a graph, the native
-    twin when traced for export; gradients for the table and the weights."""
+    twin when traced for export; gradients for the table and the weights (through
+    ``bags.csr()``'s TF ops, built only when a gradient is taken)."""
     table = tf.convert_to_tensor(table)
     if table.dtype not in fused_tf.TABLE_DTYPES:
         raise checks_module.table_dtype_error(table.dtype.name)
     checks_module.check_table_shape(None if table.shape.rank is None else table.shape.as_list())
-    with tf.control_dependencies(checks):
-        offsets = tf.identity(offsets)
     dim = table.shape[1] if table.shape.rank == 2 else None
     if not tf.executing_eagerly() and fused_tf._tracing_for_export():
+        values, offsets, weights, _ = bags.csr()
+        with tf.control_dependencies(bags.checks):
+            offsets = tf.identity(offsets)
         out = _native_bag(table, values, offsets, weights, pooling)
         out.set_shape([None, dim])
         return out
-    weighted = weights is not None
-    body = _core_body(pooling.value, weighted)
+    with tf.control_dependencies(bags.checks):
+        bag_inputs = [tf.identity(bags.inputs[0])] + bags.inputs[1:]
+    weighted = bags.weights is not None
+    body = _core_body(pooling.value, weighted, bags.form, bags.prune_ids, bags.prune_weights)
 
     @tf.custom_gradient
     def fused(table_value, *weight_value):
-        inputs = [table_value, values, offsets] + list(weight_value)
+        inputs = [table_value] + bag_inputs + list(weight_value)
         if tf.executing_eagerly():
             try:
                 result = body(*(np.asarray(t) for t in inputs))
@@ -200,12 +269,17 @@ def _fused_bag(table, values, offsets, weights, pooling: Pooling, checks):
         out.set_shape([None, dim])
 
         def grad(upstream):
-            table_grad, weight_grad = _gradients(table_value, values, offsets,
-                                                 weight_value[0] if weighted else None, pooling, upstream)
-            return (table_grad, weight_grad) if weighted else table_grad
+            values, offsets, weights, kept = bags.csr()
+            table_grad, weight_grad = _gradients(table_value, values, offsets, weights, pooling, upstream)
+            if not weighted:
+                return table_grad
+            if kept is not None:  # pruned weights get none
+                weight_grad = tf.scatter_nd(kept[:, None], weight_grad,
+                                            tf.shape(weight_value[0], out_type=tf.int64))
+            return table_grad, weight_grad
         return out, grad
 
-    return fused(table, weights) if weighted else fused(table)
+    return fused(table, bags.weights) if weighted else fused(table)
 
 
 def embedding_lookup_sparse(params, sp_ids, sp_weights=None, combiner="mean", max_norm=None, name=None,
@@ -234,8 +308,7 @@ def embedding_lookup_sparse(params, sp_ids, sp_weights=None, combiner="mean", ma
         return tf.nn.embedding_lookup_sparse(params, sp_ids, sp_weights, combiner=combiner,
                                              max_norm=max_norm, name=name)
     with tf.name_scope(name or "fused_embedding_lookup_sparse"):
-        values, offsets, weights, checks = _csr(sp_ids, sp_weights)
-        return _fused_bag(params, values, offsets, weights, pooling, checks)
+        return _fused_bag(params, _bags(sp_ids, sp_weights), pooling)
 
 
 def safe_embedding_lookup_sparse(embedding_weights, sparse_ids, sparse_weights=None, combiner="mean",
@@ -256,22 +329,36 @@ def safe_embedding_lookup_sparse(embedding_weights, sparse_ids, sparse_weights=N
                                                   combiner=combiner, default_id=default_id,
                                                   max_norm=max_norm, name=name)
     with tf.name_scope(name or "fused_safe_embedding_lookup_sparse"):
-        if isinstance(sparse_ids, tf.RaggedTensor):
-            sparse_ids = sparse_ids.to_sparse()
-            sparse_weights = None if sparse_weights is None else sparse_weights.to_sparse()
-        if not isinstance(sparse_ids, tf.SparseTensor):
+        if not isinstance(sparse_ids, (tf.SparseTensor, tf.RaggedTensor)):
             raise TypeError(f"sparse_ids must be a tf.SparseTensor or tf.RaggedTensor, got "
                             f"{type(sparse_ids).__name__}")
-        keep = sparse_ids.values >= 0
-        if sparse_weights is not None and pooling is not Pooling.SUM:
-            keep = tf.logical_and(keep, sparse_weights.values > 0)
-        sparse_ids = tf.sparse.retain(sparse_ids, keep)
-        if sparse_weights is not None:
-            sparse_weights = tf.sparse.retain(sparse_weights, keep)
-        if default_id is not None:
-            sparse_ids, _ = tf.sparse.fill_empty_rows(sparse_ids, tf.cast(default_id, sparse_ids.dtype))
-            if sparse_weights is not None:
-                sparse_weights, _ = tf.sparse.fill_empty_rows(sparse_weights,
-                                                              tf.cast(1.0, sparse_weights.dtype))
-        values, offsets, weights, checks = _csr(sparse_ids, sparse_weights)
-        return _fused_bag(embedding_weights, values, offsets, weights, pooling, checks)
+        prune_weights = sparse_weights is not None and pooling is not Pooling.SUM
+
+        def pruned():
+            """TF's pruning in TF ops: (ids, weights) SparseTensors, and the positions kept."""
+            ids = sparse_ids.to_sparse() if isinstance(sparse_ids, tf.RaggedTensor) else sparse_ids
+            weights = sparse_weights
+            if isinstance(weights, tf.RaggedTensor):
+                weights = weights.to_sparse()
+            keep = ids.values >= 0
+            if prune_weights:
+                keep = tf.logical_and(keep, weights.values > 0)
+            kept = tf.where(keep)[:, 0]
+            ids = tf.sparse.retain(ids, keep)
+            weights = None if weights is None else tf.sparse.retain(weights, keep)
+            return ids, weights, kept
+
+        if default_id is None:
+            # The body drops what TF's pruning drops, in place of retain's copies of the
+            # indices; an empty row gives zeros, as TF's does with no default_id.
+            def csr():
+                ids, weights, kept = pruned()
+                values, offsets, weights, _ = _csr(ids, weights)
+                return values, offsets, weights, kept
+            return _fused_bag(embedding_weights, _bags(sparse_ids, sparse_weights, csr, prune_ids=True,
+                                                       prune_weights=prune_weights), pooling)
+        ids, weights, _ = pruned()
+        ids, _ = tf.sparse.fill_empty_rows(ids, tf.cast(default_id, ids.dtype))
+        if weights is not None:
+            weights, _ = tf.sparse.fill_empty_rows(weights, tf.cast(1.0, weights.dtype))
+        return _fused_bag(embedding_weights, _bags(ids, weights), pooling)
