@@ -20,8 +20,9 @@ setup(
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["numba-cuda>=0.30", "cupy-cuda13x"],  # CuPy built for CUDA 13
         "bench": ["matplotlib", "tqdm", "psutil"],
+        # keras-rs: its EmbedReduce is what the fused EmbeddingBag is tested against.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numba-cuda>=0.30", "psutil",
-                 "matplotlib", "tqdm"],
+                 "matplotlib", "tqdm", "keras-rs"],
     },
     entry_points={"console_scripts": ["fused-embedding=fused_embedding.cli:main"]},
 )

@@ -307,6 +307,10 @@ def fuse(model, backend=None):
     the (B, L, D) rows the fused layer never makes), or a pooling whose compute
     dtype is not the Embedding's.
 
+    Each keras-rs ``EmbedReduce`` (dense, ragged or sparse ids, optional weights)
+    becomes a ``keras_bags.EmbeddingBag`` sharing its variable and name; a quantized
+    or LoRA one is left native, with a warning.
+
     Returns a new model; ``model`` is unchanged. Outputs equal the original's up
     to float rounding, except where Keras gives NaN (all-padding bags: zeros here).
     """
@@ -315,6 +319,7 @@ def fuse(model, backend=None):
         return _rewrite_sequential(model, _fuse_layer_list, backend)
     pairs = _fusible_pairs(model)
     embeddings = {id(embedding) for embedding, _ in pairs.values()}
+    bag_layers = {}  # id(EmbedReduce) -> its EmbeddingBag, one per layer (a shared layer stays shared)
 
     def call_function(layer, *args, **kwargs):
         if id(layer) in embeddings:
@@ -323,6 +328,9 @@ def fuse(model, backend=None):
             embedding, pooling = pairs[id(layer)]
             _check_int_ids(args[0], embedding)
             return EmbeddingMean.from_layers(embedding, pooling, backend=backend)(args[0])
+        bag = _embedding_bag_for(layer, bag_layers)
+        if bag is not None:
+            return bag(*args, **kwargs)
         return layer(*args, **kwargs)
 
     return keras.models.clone_model(model, clone_function=lambda layer: layer,
@@ -330,7 +338,8 @@ def fuse(model, backend=None):
 
 
 def unfuse(model):
-    """The inverse of ``fuse``: every EmbeddingMean becomes ``Embedding -> GlobalAveragePooling1D``.
+    """The inverse of ``fuse``: every EmbeddingMean becomes ``Embedding -> GlobalAveragePooling1D``,
+    every EmbeddingBag a keras-rs ``EmbedReduce``.
 
     Native Keras layers only, for tools that need them. Other layers are reused as
     they are. Each Embedding takes its EmbeddingMean's name (``get_layer`` finds the
@@ -343,12 +352,17 @@ def unfuse(model):
     if isinstance(model, keras.Sequential):
         return _rewrite_sequential(model, _unfuse_layer_list, None)
     taken = {layer.name for layer in model.layers}
+    native_bags = {}  # id(EmbeddingBag) -> its EmbedReduce
 
     def call_function(layer, *args, **kwargs):
         if isinstance(layer, EmbeddingMean):
             embedding, pooling = layer.to_layers(
                 pooling_name=_unique_name(f"{layer.name}_pooling", taken))
             return pooling(embedding(args[0]))
+        if _is_embedding_bag(layer):
+            if id(layer) not in native_bags:
+                native_bags[id(layer)] = layer.to_embed_reduce()
+            return native_bags[id(layer)](*args, **kwargs)
         return layer(*args, **kwargs)
 
     return keras.models.clone_model(model, clone_function=lambda layer: layer,
@@ -367,9 +381,24 @@ def _fuse_layer_list(layers, backend):
             out.append(EmbeddingMean.from_layers(layer, following, backend=backend))
             i += 2
         else:
-            out.append(layer)
+            out.append(_embedding_bag_for(layer, {}) or layer)
             i += 1
     return out
+
+
+def _embedding_bag_for(layer, made):
+    """The EmbeddingBag standing for ``layer`` when it is a keras-rs EmbedReduce that can be
+    fused (made once per layer, kept in ``made``), else None (a warning says why not)."""
+    from . import keras_bags
+    embed_reduce = keras_bags.embed_reduce_class()
+    if embed_reduce is None or not isinstance(layer, embed_reduce):
+        return None
+    if id(layer) not in made:
+        reason = keras_bags.why_not_fusible(layer)
+        if reason:
+            log.warning("fuse: left %r as a native EmbedReduce: %s", layer.name, reason)
+        made[id(layer)] = None if reason else keras_bags.EmbeddingBag.from_embed_reduce(layer)
+    return made[id(layer)]
 
 
 def _unfuse_layer_list(layers, _backend):
@@ -379,8 +408,13 @@ def _unfuse_layer_list(layers, _backend):
         if isinstance(layer, EmbeddingMean):
             out.extend(layer.to_layers(pooling_name=_unique_name(f"{layer.name}_pooling", taken)))
         else:
-            out.append(layer)
+            out.append(layer.to_embed_reduce() if _is_embedding_bag(layer) else layer)
     return out
+
+
+def _is_embedding_bag(layer) -> bool:
+    from .keras_bags import EmbeddingBag
+    return isinstance(layer, EmbeddingBag)
 
 
 def _rewrite_sequential(model, rewrite, backend):
