@@ -31,12 +31,17 @@ kernels/__pycache__/cpu_bags.*.nb[ic].
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
+from ..launch import CACHE_LINE_BYTES
+from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
 from ..spec import Pooling
 from .cpu import _prefetch_rows
-from .cpu_rows import sum_vector_columns
-from .cpu_scalars import store, widen
+from .cpu_rows import LANES, _widen, sum_vector_columns
+from .cpu_scalars import LOCALITY_READ_ONCE, store, widen
 
 # The combiner codes as compile-time constants (Numba freezes module globals).
 _MEAN = Pooling.MEAN.kernel_code
@@ -70,6 +75,183 @@ def split_work(offsets, n_chunks, bag_bounds, id_bounds):
         id_bounds[c] = k - lo
 
 
+def _make_weighted_sum_rows(n_vectors: int, fmt: int):
+    """The weighted twin of cpu_rows' vector pass: acc[col:col + 16*n] = sum over k < count of
+    weights[k] * table[rows[k], col:col + 16*n] (float32), the accumulators in n <16 x float>
+    registers, the same columns of row ahead_ids[ahead_start + k] prefetched while row k is
+    summed (if ahead_start + k < ahead_stop). A scalar loop over the columns keeps its
+    accumulators in memory: a load and a store per element per row (measured 1.6x slower
+    than torch's weighted sum at D=64 on one thread; benchmarks/NOTES.md)."""
+
+    @intrinsic
+    def weighted_sum_rows(typingctx, table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc):
+        if not (isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C"
+                and table.dtype in (types.float32, types.uint16) and weights.dtype == types.float32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (table_v, rows_v, weights_v, count_v, col_v, ahead_v, start_v, stop_v, acc_v) = args
+            (table_t, rows_t, weights_t, count_t, col_t, ahead_t, start_t, stop_t, acc_t) = sig.args
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            i8p = ir.IntType(8).as_pointer()
+
+            def as_i64(value, ty):
+                return context.cast(builder, value, ty, types.int64)
+
+            table_a = context.make_array(table_t)(context, builder, table_v)
+            rows_a = context.make_array(rows_t)(context, builder, rows_v)
+            weights_a = context.make_array(weights_t)(context, builder, weights_v)
+            ahead_a = context.make_array(ahead_t)(context, builder, ahead_v)
+            acc_a = context.make_array(acc_t)(context, builder, acc_v)
+            row_stride = builder.extract_value(table_a.strides, 0)
+            weight_stride = builder.extract_value(weights_a.strides, 0)
+            elem_type = context.get_data_type(table_t.dtype)
+            item = elem_type.width // 8 if isinstance(elem_type, ir.IntType) else 4
+            vec_raw = ir.VectorType(elem_type, LANES)
+            vec_f32 = ir.VectorType(ir.FloatType(), LANES)
+            count_i = as_i64(count_v, count_t)
+            col_bytes = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, item))
+            start_i, stop_i = as_i64(start_v, start_t), as_i64(stop_v, stop_t)
+            base = builder.bitcast(table_a.data, i8p)
+            weights_base = builder.bitcast(weights_a.data, i8p)
+            pf_fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+
+            def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
+                builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
+                                     ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
+
+            # As cpu_rows: the extra line of a block that straddles lines, on unaligned tables only.
+            misalignment = builder.or_(builder.or_(builder.ptrtoint(base, i64), row_stride), col_bytes)
+            blocks_straddle = builder.icmp_unsigned(
+                "!=", builder.and_(misalignment, ir.Constant(i64, CACHE_LINE_BYTES - 1)), ir.Constant(i64, 0))
+
+            entry = builder.basic_block
+            loop = builder.append_basic_block("wrows.loop")
+            body = builder.append_basic_block("wrows.body")
+            prefetch_bb = builder.append_basic_block("wrows.prefetch")
+            prefetch_tail_bb = builder.append_basic_block("wrows.prefetch_tail")
+            after_prefetch = builder.append_basic_block("wrows.after_prefetch")
+            done = builder.append_basic_block("wrows.done")
+            builder.branch(loop)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64, "k")
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            accs = []
+            for _ in range(n_vectors):
+                phi = builder.phi(vec_f32)
+                phi.add_incoming(ir.Constant(vec_f32, None), entry)
+                accs.append(phi)
+            builder.cbranch(builder.icmp_signed("<", k, count_i), body, done)
+
+            builder.position_at_end(body)
+            row = builder.load(builder.gep(rows_a.data, [k]))
+            row_ptr = builder.gep(base, [builder.add(builder.mul(as_i64(row, rows_t.dtype), row_stride),
+                                                     col_bytes)])
+            w_ptr = builder.bitcast(builder.gep(weights_base, [builder.mul(k, weight_stride)]),
+                                    ir.FloatType().as_pointer())
+            w_one = builder.insert_element(ir.Constant(vec_f32, ir.Undefined), builder.load(w_ptr),
+                                           ir.Constant(i32, 0))
+            w_vec = builder.shuffle_vector(w_one, ir.Constant(vec_f32, ir.Undefined),
+                                           ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            new_accs = []
+            for v in range(n_vectors):
+                ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES * item)]),
+                                      vec_raw.as_pointer())
+                raw = builder.load(ptr, align=item)
+                new_accs.append(builder.fadd(accs[v], builder.fmul(w_vec, _widen(builder, raw, elem_type, fmt))))
+            ahead_pos = builder.add(start_i, k)
+            builder.cbranch(builder.icmp_signed("<", ahead_pos, stop_i), prefetch_bb, after_prefetch)
+
+            builder.position_at_end(prefetch_bb)
+            ahead_row = as_i64(builder.load(builder.gep(ahead_a.data, [ahead_pos])), ahead_t.dtype)
+            ahead_ptr = builder.gep(base, [builder.add(builder.mul(ahead_row, row_stride), col_bytes)])
+            pass_bytes = n_vectors * LANES * item
+            for offset in range(0, pass_bytes, CACHE_LINE_BYTES):
+                prefetch_at(ahead_ptr, offset)
+            builder.cbranch(blocks_straddle, prefetch_tail_bb, after_prefetch)
+
+            builder.position_at_end(prefetch_tail_bb)
+            prefetch_at(ahead_ptr, pass_bytes - 1)
+            builder.branch(after_prefetch)
+
+            builder.position_at_end(after_prefetch)
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(k_next, after_prefetch)
+            for phi, value in zip(accs, new_accs):
+                phi.add_incoming(value, after_prefetch)
+            builder.branch(loop)
+
+            builder.position_at_end(done)
+            acc_base = builder.bitcast(acc_a.data, i8p)
+            acc_col = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, 4))
+            for v in range(n_vectors):
+                ptr = builder.gep(acc_base, [builder.add(acc_col, ir.Constant(i64, v * LANES * 4))])
+                builder.store(accs[v], builder.bitcast(ptr, vec_f32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc), codegen
+    return weighted_sum_rows
+
+
+def _make_weighted_sum_columns(fmt: int):
+    """Weighted rows over the columns filling whole vectors: 128 columns a pass, then one
+    pass over the rest (as cpu_rows' unweighted passes)."""
+    x1, x2, x3, x4, x5, x6, x7, x8 = (_make_weighted_sum_rows(n, fmt) for n in range(1, 9))
+
+    @njit(inline="always")
+    def weighted_sum_columns(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc):
+        dim = table.shape[1]
+        col = 0
+        while col + 8 * LANES <= dim:
+            x8(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+            col += 8 * LANES
+        vectors = (dim - col) // LANES
+        if vectors == 7:
+            x7(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 6:
+            x6(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 5:
+            x5(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 4:
+            x4(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 3:
+            x3(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 2:
+            x2(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 1:
+            x1(table, rows, weights, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        return col + vectors * LANES
+    return weighted_sum_columns
+
+
+_weighted_float32 = _make_weighted_sum_columns(FORMAT_FLOAT32)
+_weighted_float16 = _make_weighted_sum_columns(FORMAT_FLOAT16)
+_weighted_bfloat16 = _make_weighted_sum_columns(FORMAT_BFLOAT16)
+
+
+def weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+    """Sum the bag's weighted rows into acc for the leading columns that fill whole vectors;
+    returns the first column left for a scalar pass (all of them for a non-C table)."""
+
+
+@overload(weighted_vector_columns, inline="always")
+def _weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+    if not (isinstance(table, types.Array) and table.layout == "C"):
+        return lambda table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
+    if table.dtype == types.float32:
+        def float32_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+            return _weighted_float32(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return float32_rows
+
+    def half_width_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+        if fmt == FORMAT_BFLOAT16:
+            return _weighted_bfloat16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return _weighted_float16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+    return half_width_rows
+
+
 @njit(inline="always")
 def _first_bad(values, lo, hi, vocab):
     """Position of the first id outside [0, vocab) in values[lo:hi], or -1."""
@@ -87,23 +269,29 @@ def _sum_ids(table, values, weights, weighted, combiner, lo, hi, fmt, rows_ahead
     Returns the portion's part of the combiner's denominator: sum of w (mean), of w^2
     (sqrtn), 0 (sum). Rows values[p + rows_ahead] are prefetched while row p is summed,
     up to position ``stop`` (the chunk's end). Unweighted rows go through the vector
-    passes of kernels/cpu_rows.py; weighted rows and the last D % 16 columns take a
-    scalar loop over the columns, which LLVM vectorises (each column is independent).
+    passes of kernels/cpu_rows.py, weighted rows through their twin here
+    (weighted_vector_columns); the last D % 16 columns take a scalar loop over the columns.
     """
     dim = table.shape[1]
     if weighted:
-        acc[:] = 0.0
+        col = weighted_vector_columns(table, values[lo:hi], weights[lo:hi], hi - lo, fmt, values,
+                                      lo + rows_ahead, stop, acc)
+        if col < dim:
+            acc[col:] = 0.0
+            for p in range(lo, hi):
+                if col == 0:  # no vector pass prefetched these rows
+                    _prefetch_rows(table, values, min(stop, p + rows_ahead), min(stop, p + rows_ahead + 1))
+                w = weights[p]
+                r = values[p]
+                for d in range(col, dim):
+                    acc[d] += w * widen(table[r, d], fmt)
         term = np.float32(0.0)
-        for p in range(lo, hi):
-            _prefetch_rows(table, values, min(stop, p + rows_ahead), min(stop, p + rows_ahead + 1))
-            w = weights[p]
-            r = values[p]
-            for d in range(dim):
-                acc[d] += w * widen(table[r, d], fmt)
-            if combiner == _SQRTN:
-                term += w * w
-            else:
-                term += w
+        if combiner == _SQRTN:
+            for p in range(lo, hi):
+                term += weights[p] * weights[p]
+        else:
+            for p in range(lo, hi):
+                term += weights[p]
         return term
     col = sum_vector_columns(table, values[lo:hi], hi - lo, fmt, values, lo + rows_ahead, stop, acc)
     if col < dim:
