@@ -177,3 +177,21 @@ def test_lora_embed_reduce_is_left_native(caplog):
         fused = fuse(model)
     assert fused.get_layer("bag") is reduce
     assert "left 'bag' as a native EmbedReduce: it has LoRA weights" in caplog.text
+
+
+def test_fuse_turns_a_ragged_embedding_pooling_pair_into_a_bag(rng):
+    """Embedding -> GlobalAveragePooling1D on ragged ids averages each row's own ids;
+    fuse makes it an EmbeddingBag (mean) sharing the table, with the same outputs."""
+    from fused_embedding.keras import fuse
+    ids, _, values, offsets, _ = bag_inputs(rng, "ragged", weighted=False)
+    id_input = keras.Input((None,), dtype="int64", ragged=True)
+    embedding = keras.layers.Embedding(VOCAB, DIM, name="tokens")
+    model = keras.Model(id_input, keras.layers.GlobalAveragePooling1D()(embedding(id_input)))
+    fused = fuse(model)
+    layer = fused.get_layer("tokens")
+    assert isinstance(layer, EmbeddingBag) and layer.embeddings is embedding.embeddings
+    reference = embedding_bag_reference(embedding.embeddings.numpy(), values, offsets, None, "mean")
+    out, keras_out = fused(ids).numpy(), model(ids).numpy()
+    filled = np.diff(offsets) > 0  # Keras gives NaN for an empty row, the fused op zeros (as for all-padding bags)
+    assert np.isnan(keras_out[~filled]).all() and (out[~filled] == 0).all()
+    assert_close_to_framework(out[filled], keras_out[filled], reference[filled], np.float32)

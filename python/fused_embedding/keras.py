@@ -309,7 +309,8 @@ def fuse(model, backend=None):
 
     Each keras-rs ``EmbedReduce`` (dense, ragged or sparse ids, optional weights)
     becomes a ``keras_bags.EmbeddingBag`` sharing its variable and name; a quantized
-    or LoRA one is left native, with a warning.
+    or LoRA one is left native, with a warning. So does a pair on ragged ids
+    (``keras.Input(..., ragged=True)``): an EmbeddingBag averaging each row's ids.
 
     Returns a new model; ``model`` is unchanged. Outputs equal the original's up
     to float rounding, except where Keras gives NaN (all-padding bags: zeros here).
@@ -327,6 +328,9 @@ def fuse(model, backend=None):
         if id(layer) in pairs:
             embedding, pooling = pairs[id(layer)]
             _check_int_ids(args[0], embedding)
+            # (The original model's tensor: clone_model's new inputs need not say they are ragged.)
+            if getattr(embedding.input, "ragged", False):  # each row's own ids: a CSR bag, averaged
+                return _ragged_pair_bag(embedding, pooling, args[0])
             return EmbeddingMean.from_layers(embedding, pooling, backend=backend)(args[0])
         bag = _embedding_bag_for(layer, bag_layers)
         if bag is not None:
@@ -384,6 +388,18 @@ def _fuse_layer_list(layers, backend):
             out.append(_embedding_bag_for(layer, {}) or layer)
             i += 1
     return out
+
+
+def _ragged_pair_bag(embedding, pooling, ids):
+    """``pooling(embedding(ids))`` on ragged ids, fused as an EmbeddingBag (mean) where it can
+    stand for the pair, else the pair itself (with a warning): a mask_zero Embedding, whose
+    padding the pooling would drop from each row."""
+    from .keras_bags import EmbeddingBag
+    if pooling.data_format != "channels_last" or embedding.mask_zero:
+        log.warning("fuse: left %r -> %r as native Keras layers: on ragged ids only a channels_last "
+                    "pooling without mask_zero is fused", embedding.name, pooling.name)
+        return pooling(embedding(ids))
+    return EmbeddingBag.from_ragged_pair(embedding, pooling)(ids)
 
 
 def _embedding_bag_for(layer, made):

@@ -102,19 +102,31 @@ class EmbeddingBag(keras.layers.Layer):
         name, combiner, ``mask_zero``, initializer, regularizers, constraint, dtype
         policy and ``trainable``. ValueError for an unbuilt layer or one this layer
         cannot stand for (``why_not_fusible``)."""
+        return cls._sharing_table(layer, layer.combiner, layer.activity_regularizer, "EmbedReduce")
+
+    @classmethod
+    def from_ragged_pair(cls, embedding, pooling) -> "EmbeddingBag":
+        """The EmbeddingBag (combiner "mean") for ``Embedding -> GlobalAveragePooling1D`` on
+        ragged ids, where the pooling averages each row's own ids: the Embedding's table
+        shared and its settings, the pooling's activity regularizer, as
+        ``EmbeddingMean.from_layers`` takes them for dense ids."""
+        return cls._sharing_table(embedding, "mean", pooling.activity_regularizer, "Embedding")
+
+    @classmethod
+    def _sharing_table(cls, layer, combiner, activity_regularizer, kind) -> "EmbeddingBag":
         if not layer.built:
-            raise ValueError(f"the EmbedReduce {layer.name!r} is not built yet: call it on ids "
+            raise ValueError(f"the {kind} {layer.name!r} is not built yet: call it on ids "
                              f"(or build it) first, so that it has weights to carry over")
         reason = why_not_fusible(layer)
         if reason:
-            raise ValueError(f"the EmbedReduce {layer.name!r} cannot be fused: {reason}")
+            raise ValueError(f"the {kind} {layer.name!r} cannot be fused: {reason}")
         table = layer.embeddings
         trainable = bool(layer.trainable and table.trainable)
-        fused = cls(layer.input_dim, layer.output_dim, combiner=layer.combiner,
+        fused = cls(layer.input_dim, layer.output_dim, combiner=combiner,
                     mask_zero=bool(layer.mask_zero), embeddings_initializer=layer.embeddings_initializer,
                     embeddings_regularizer=layer.embeddings_regularizer,
                     embeddings_constraint=layer.embeddings_constraint,
-                    activity_regularizer=layer.activity_regularizer, dtype=layer.dtype_policy,
+                    activity_regularizer=activity_regularizer, dtype=layer.dtype_policy,
                     trainable=trainable, name=layer.name)
         # Tracked as a trainable variable (so that `trainable = True` later reaches it), as
         # EmbeddingMean.from_layers does.
@@ -163,7 +175,7 @@ def embed_reduce_class():
 
 
 def why_not_fusible(layer) -> str | None:
-    """Why an EmbeddingBag cannot stand for this EmbedReduce, or None when it can."""
+    """Why an EmbeddingBag cannot stand for this EmbedReduce (or Embedding), or None when it can."""
     if layer.quantization_mode:
         return f"its table is quantized ({layer.quantization_mode}); only float tables are fused so far"
     if getattr(layer, "lora_enabled", False):
