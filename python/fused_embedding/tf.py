@@ -32,6 +32,15 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+try:
+    # The cpu backend imports Numba and prepares its runtime (0.3-0.6 s here), the largest
+    # one-off cost of the op's first call: paid where the op is imported (beside
+    # TensorFlow's seconds), before a model is built or loaded, not on its first request
+    # (benchmarks/NOTES.md). Its kernels still load at their first call.
+    from .backends import cpu as _cpu_backend  # noqa: F401
+except ImportError:  # no numba: the cpu backend reports itself unavailable when asked
+    pass
+
 from . import api, checks, row_mean_cache, tf_compiled
 from .backends import OUT_OF_RANGE_MESSAGE
 from .memory import ALIGNED_OUTPUT_MIN_BYTES

@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 import numba  # no numba: the registry reports this backend unavailable
+from numba.core.caching import FunctionCache
+from numba.core.runtime import rtsys
 
 from .. import launch, row_mean_cache
 from ..memory import empty_on_huge_pages, host_memory_limit_bytes
@@ -74,9 +76,14 @@ def on_serial_only(callback) -> None:
 def parallel_launches_thread_safe() -> bool:
     """True when parallel kernels may be launched from several threads at once without
     the lock here: Numba's layer is TBB or OpenMP (it is picked at the first launch, so
-    this launches a tiny kernel if none has run), or this process runs serial only."""
+    this starts it if no launch has), or this process runs serial only."""
+    global _serialise_launches
     if _serialise_launches is None and not _forked_from_gnu_openmp:
-        _launch(_kernel_module().row_means, np.zeros((1, 1), np.float32), 0, np.empty(1, np.float32))
+        # Start the team as a first parallel launch would, without loading a kernel for it.
+        from numba.np.ufunc.parallel import _launch_threads
+        with _launch_lock:
+            _launch_threads()
+            _serialise_launches = numba.threading_layer() == "workqueue"
     return _forked_from_gnu_openmp or _serialise_launches is False
 
 
@@ -100,7 +107,54 @@ def _launch(kernel, *args, serial=False):
     return result
 
 
-_kernels = None  # kernels/cpu.py, imported (and so Numba) at the first call, then kept here
+class _CacheLoadingWithoutRefresh(FunctionCache):
+    """Numba's disk cache of one function, loading machine code without refreshing the target.
+
+    Numba's own ``load_overload`` first refreshes the whole CPU target: it imports and
+    registers every typing and lowering registry (NumPy's linalg, random, typed
+    containers, ...), which compiling needs and loading compiled code does not. On the
+    first load in a process that is 250-550 ms here, more than the rest of the first
+    call (benchmarks/NOTES.md). Loading needs Numba's runtime (NRT), initialised here.
+    A signature the cache lacks compiles as before: Numba's compiler refreshes the
+    target itself. Saving is Numba's own. Should a load fail without the refresh (machine
+    code needing something only the refresh registers), it is retried Numba's own way.
+    """
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        try:
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+        except Exception:
+            return super().load_overload(sig, target_context)
+
+
+def load_cached_without_refresh(function) -> None:
+    """Make a ``cache=True`` njit dispatcher or cfunc load from its disk cache through
+    ``_CacheLoadingWithoutRefresh``; nothing for one Numba doesn't cache that way."""
+    cache = getattr(function, "_cache", None)
+    if type(cache) is FunctionCache:
+        cache.__class__ = _CacheLoadingWithoutRefresh
+
+
+def _prepare_loading() -> None:
+    """What loading any of the kernels from Numba's disk cache needs first, done once when
+    this module is imported (for the TF op: when ``fused_embedding.tf`` is, before a model
+    is built), not on the first call: Numba's runtime (NRT; its first use compiles its
+    own functions, 20-25 ms here) and the modules of the Numba functions the kernels'
+    machine code was built from, whose environments a load rebuilds (20-25 ms). Not the
+    kernels themselves: their cache folder is found when kernels/cpu.py is imported, and
+    a process may still choose it (``build.use_cache_dir``)."""
+    from numba.core.registry import cpu_target
+    rtsys.initialize(cpu_target.target_context)
+    import numba.cpython.charseq  # noqa: F401
+    import numba.cpython.unicode  # noqa: F401
+    import numba.np.arrayobj  # noqa: F401
+
+
+_prepare_loading()
+
+_kernels = None  # kernels/cpu.py, imported at the first call, then kept here
 
 
 def _kernel_module():
@@ -109,6 +163,9 @@ def _kernel_module():
         from ..build import announce_compiles
         announce_compiles()  # one warning if Numba's disk cache lacks a kernel (fused-embedding build)
         from ..kernels import cpu
+        for parallel, serial in cpu.SERIAL.items():
+            load_cached_without_refresh(parallel)
+            load_cached_without_refresh(serial)
         _kernels = cpu
     return _kernels
 

@@ -4,7 +4,7 @@ The TF op's compiled kernel (``tf_host_op.cc``) calls ``launch_sequence_mean`` t
 its address, with no Python and no GIL on the way: the same Numba kernels, chunking,
 prefetch distance and serial/parallel choice as ``backends/cpu.py``'s
 ``embedding_mean``, on raw buffers. Compiled when this module is first imported and
-cached on disk.
+cached on disk (loaded from there without refreshing Numba's target: ``_cached_cfunc``).
 
 Two things are fixed when it compiles: the launch heuristics (``launch.py``), whose
 module constants Numba reads as constants (setting ``launch.CPU_SERIAL_MAX_BYTES``
@@ -26,12 +26,15 @@ Returns the first flat position b * L + l of an id outside [0, V), or B * L.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, cfunc, njit
+from numba import carray, njit
+from numba.core import sigutils
+from numba.core.ccallback import CFunc
 from numba.np.ufunc.parallel import _launch_threads
 
 from .. import c_interface, launch
 from ..kernels.cpu import SERIAL, gather_mean_sequence
 from ..semantics import FORMAT_FLOAT32
+from .cpu import load_cached_without_refresh
 
 # Machine code loaded from the disk cache links against the thread team's entry
 # points, which Numba registers only once its threading layer has started; a fresh
@@ -67,7 +70,16 @@ def _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask_zero, 
     return _run(table, ids, out, fmt, mask_zero, team_size, serial_only)
 
 
-@cfunc(SIGNATURE, cache=True)
+def _cached_cfunc(function):
+    """``numba.cfunc(SIGNATURE, cache=True)(function)``, loaded from the disk cache without
+    refreshing Numba's target (``backends/cpu.py``: most of a first load's time)."""
+    compiled = CFunc(function, sigutils.normalize_signature(SIGNATURE), locals={}, options={})
+    compiled.enable_caching()
+    load_cached_without_refresh(compiled)
+    compiled.compile()
+    return compiled
+
+
 def launch_sequence_mean(table_address, vocab, dim, fmt, ids_address, id_bytes, batch, length,
                          mask_zero, team_size, serial_only, out_address):
     mask = mask_zero != 0
@@ -79,3 +91,6 @@ def launch_sequence_mean(table_address, vocab, dim, fmt, ids_address, id_bytes, 
     table = carray(table_address, (vocab, dim), np.uint16)
     out = carray(out_address, (batch, dim), np.uint16)
     return _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask, team_size, serial)
+
+
+launch_sequence_mean = _cached_cfunc(launch_sequence_mean)
