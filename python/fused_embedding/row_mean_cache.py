@@ -46,6 +46,7 @@ would exceed it is not cached. ``clear()`` drops everything.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 import weakref
@@ -109,9 +110,8 @@ def frozen_table(table) -> np.ndarray:
         takes), copied once; later changes to it don't reach the copy.
 
     Returns:
-      a read-only, C-contiguous (V, D) array of the same dtype and values, on a
-      64-byte line where the allocator allows it (``memory.empty_aligned``'s
-      reason). Its memory is an immutable ``bytes`` object: no write can reach it
+      a read-only, C-contiguous (V, D) array of the same dtype and values, starting
+      on a 64-byte line (``memory.empty_aligned``'s reason). Its memory is an immutable ``bytes`` object: no write can reach it
       and ``setflags(write=True)`` raises, so the axis-2 row means computed from it
       stay right for as long as it lives, and are dropped when it (and every view
       of it) is gone.
@@ -130,22 +130,20 @@ def _address(raw: bytes) -> int:
 
 def _bytes_on_a_line(data: np.ndarray) -> tuple[bytes, int]:
     """``data`` copied once into a new bytes object, and the offset at which it starts
-    there, chosen so that it starts on a cache line where the allocator lets it.
+    there: the first cache line inside the object's payload.
 
-    bytes' payload sits after the object's header, wherever malloc put the object; a
-    probe of the same size (calloc: no pages touched for a large one) shows where that
-    is, and a padding of up to 63 bytes in front moves the data onto a line.
+    The object is made zero-filled, 63 bytes longer than the data, and the data is
+    written into it once, before anything else can reference it (no array, no hash of it
+    exists yet); from then on nothing writes it. Writing it is the one way to choose
+    where the data starts: bytes' payload sits after the object's header, wherever the
+    allocator put the object.
     """
-    probe = bytes(data.nbytes + CACHE_LINE_BYTES)
-    pad = -_address(probe) % CACHE_LINE_BYTES
-    del probe
-    for _ in range(3):  # small objects come from the heap, where the next address can differ
-        raw = b"".join((bytes(pad), data))
-        start = _address(raw) + pad
-        if start % CACHE_LINE_BYTES == 0 or not data.nbytes:
-            break
-        pad = (pad - start) % CACHE_LINE_BYTES  # what this address would have needed
-    return raw, len(raw) - data.nbytes  # possibly off a line: slower rows only, never a wrong result
+    raw = bytes(data.nbytes + CACHE_LINE_BYTES)
+    start = _address(raw)
+    pad = -start % CACHE_LINE_BYTES
+    if data.nbytes:
+        ctypes.memmove(start + pad, data.ctypes.data, data.nbytes)
+    return raw, pad
 
 
 def _constancy(table: np.ndarray):
