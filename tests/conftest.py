@@ -47,6 +47,30 @@ def cpu_launches(monkeypatch):
     return launches
 
 
+# --- shared by the test modules (``from conftest import ...``) ---------------------------
+from fused_embedding.conformance import ID_DTYPES, TABLE_DTYPES  # noqa: E402,F401  (for the test modules)
+
+
+def backend_skip_reason(name):
+    """Why backend ``name`` can't run here (for a skip), or None when it can."""
+    from fused_embedding import backends
+    reason = backends.unavailable_reason(name)
+    return f"backend {name!r} unavailable: {reason}" if reason else None
+
+
+def backend_param(name):
+    """``name`` as a pytest parameter, skipped with the reason where the backend can't run."""
+    reason = backend_skip_reason(name)
+    return pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else [], id=name)
+
+
+def run_backend(name, table, ids, axis, mask_zero):
+    """The backend's launcher on a poisoned output (a host one, copied to a GPU backend's
+    device first), so an unwritten element fails."""
+    from fused_embedding import backends, conformance
+    return conformance.run_poisoned(backends.get(name), table, ids, axis, mask_zero)
+
+
 def numba_cuda_device_skip_reason(why_not_simulated: str):
     """Why a test needing numba-cuda on a real GPU can't run here, or None when it can."""
     from fused_embedding import backends

@@ -13,20 +13,14 @@ from fused_embedding import api, backends
 from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16
 from fused_embedding.validation import assert_close, compare, random_inputs, tolerance
+from conftest import TABLE_DTYPES, backend_param
 
 HOST_BACKENDS = ["cpu", "numpy"]
-
-
-def backend_param(name):
-    reason = backends.unavailable_reason(name)
-    marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
-    return pytest.param(name, marks=marks, id=name)
 
 
 # Host inputs on the GPU backend: copied to the device and back (under the CUDA
 # simulator in CI), so results and errors are checked there too.
 ALL_BACKENDS = [backend_param(name) for name in HOST_BACKENDS + ["numba-cuda"]]
-TABLE_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BFLOAT16]
 
 
 def by_name(dtype):

@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 
 import fused_embedding as fe
-from fused_embedding import backends, bags
+from fused_embedding import bags
 from fused_embedding.reference import embedding_bag_reference, embedding_mean_reference
-from fused_embedding.semantics import BFLOAT16
 from fused_embedding.validation import (assert_close_to_framework, compare, poisoned, tolerance,
                                         unwritten)
+from conftest import TABLE_DTYPES, backend_param
 
 COMBINERS = ["mean", "sum", "sqrtn"]
-TABLE_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BFLOAT16]
 UNIT_ROUNDOFF = 2.0**-24  # float32
-
-
-def backend_param(name):
-    reason = backends.unavailable_reason(name)
-    marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
-    return pytest.param(name, marks=marks, id=name)
 
 
 HOST_BACKEND_NAMES = ["cpu", "numpy"]  # the GPU backends' bags: tests/test_bags_gpu.py

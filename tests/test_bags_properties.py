@@ -16,13 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fused_embedding import bags
-from fused_embedding.semantics import BFLOAT16
+from conftest import ID_DTYPES, TABLE_DTYPES
 from test_bags import HOST_BACKENDS, check_against_reference, offsets_of, run_poisoned
 
 EXAMPLES_PER_BACKEND = 300
 
-TABLE_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BFLOAT16]
-ID_DTYPES = [np.dtype(np.int32), np.dtype(np.int64)]
 MAX_VOCAB, MAX_DIM, MAX_BAGS, MAX_LENGTH, HUGE_LENGTH = 40, 40, 20, 6, 400
 
 

@@ -8,15 +8,9 @@ from fused_embedding.reference import embedding_mean_reference
 from fused_embedding.semantics import BFLOAT16
 from fused_embedding.validation import (assert_close, assert_close_to_framework, poisoned, random_inputs,
                                        unwritten)
+from conftest import ID_DTYPES, TABLE_DTYPES, run_backend
 
 HOST_BACKENDS = ["cpu", "numpy"]
-TABLE_DTYPES = conformance.TABLE_DTYPES
-ID_DTYPES = conformance.ID_DTYPES
-
-
-def run_backend(name, table, ids, axis, mask_zero):
-    """The backend's launcher on a poisoned output, so an unwritten element fails."""
-    return conformance.run_poisoned(backends.get(name), table, ids, axis, mask_zero)
 
 
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=lambda d: np.dtype(d).name)

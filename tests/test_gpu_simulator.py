@@ -19,33 +19,22 @@ from fused_embedding.semantics import BFLOAT16, Axis
 from fused_embedding.spec import Pooling
 from fused_embedding.validation import poisoned
 from fused_embedding.validation import assert_close, random_inputs, unwritten
+from conftest import backend_skip_reason, run_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_DTYPES = conformance.TABLE_DTYPES
-ID_DTYPES = conformance.ID_DTYPES
-
-
-def skip_reason(name):
-    reason = backends.unavailable_reason(name)
-    return f"backend {name!r} unavailable: {reason}" if reason else None
 
 
 simulated = backends.cuda_simulated
 
 
-requires_numba_cuda = pytest.mark.skipif(skip_reason("numba-cuda") is not None,
-                                         reason=str(skip_reason("numba-cuda")))
+requires_numba_cuda = pytest.mark.skipif(backend_skip_reason("numba-cuda") is not None,
+                                         reason=str(backend_skip_reason("numba-cuda")))
 
 
 def gpu_backend_params():
-    return [pytest.param(name, id=name, marks=pytest.mark.skipif(skip_reason(name) is not None,
-                                                                 reason=str(skip_reason(name))))
+    return [pytest.param(name, id=name, marks=pytest.mark.skipif(backend_skip_reason(name) is not None,
+                                                                 reason=str(backend_skip_reason(name))))
             for name in ("numba-cuda", "cupy")]
-
-
-def run_backend(name, table, ids, axis, mask_zero):
-    """The backend's launcher on host inputs and a poisoned host output (copied to the device first)."""
-    return conformance.run_poisoned(backends.get(name), table, ids, axis, mask_zero)
 
 
 @pytest.mark.parametrize("backend", gpu_backend_params())
@@ -108,8 +97,8 @@ def test_bad_id_is_reported_under_mask_zero_and_int32(rng, backend):
 
 # --- device arrays (a real GPU only) ------------------------------------------------------
 def device_skip_reason():
-    if skip_reason("numba-cuda"):
-        return skip_reason("numba-cuda")
+    if backend_skip_reason("numba-cuda"):
+        return backend_skip_reason("numba-cuda")
     if simulated():
         return "the CUDA simulator's arrays have no __cuda_array_interface__: device inputs need a real GPU"
     return None

@@ -19,13 +19,12 @@ from hypothesis.extra.numpy import arrays
 import fused_embedding as fe
 from fused_embedding import backends
 from fused_embedding.reference import embedding_mean_reference
-from fused_embedding.semantics import BFLOAT16, Axis, output_shape
+from fused_embedding.semantics import Axis, output_shape
 from fused_embedding.validation import compare, poisoned, tolerance, unwritten
+from conftest import ID_DTYPES, TABLE_DTYPES, backend_param
 
 EXAMPLES_PER_BACKEND = 500
 
-TABLE_DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BFLOAT16]
-ID_DTYPES = [np.dtype(np.int32), np.dtype(np.int64)]
 SPECIAL_VALUES = [np.nan, np.inf, -np.inf]
 
 # Largest V, D, B, L drawn per backend: enough to cross chunk and lane
@@ -33,12 +32,6 @@ SPECIAL_VALUES = [np.nan, np.inf, -np.inf]
 # OS thread.
 HOST_LIMITS = dict(vocab=40, dim=40, batch=12, length=12)
 SIMULATOR_LIMITS = dict(vocab=24, dim=24, batch=3, length=4)
-
-
-def backend_param(name):
-    reason = backends.unavailable_reason(name)
-    marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")] if reason else []
-    return pytest.param(name, marks=marks, id=name)
 
 
 @st.composite
