@@ -11,12 +11,11 @@ import pytest
 import fused_embedding as fe
 from fused_embedding import bags
 from fused_embedding.reference import embedding_bag_reference, embedding_mean_reference
-from fused_embedding.validation import (assert_close_to_framework, compare, poisoned, tolerance,
-                                        unwritten)
+from fused_embedding.validation import (assert_close_to_framework, bag_error_bound, compare, compare_bags,
+                                        exact_weights, poisoned)
 from conftest import TABLE_DTYPES, backend_param
 
 COMBINERS = ["mean", "sum", "sqrtn"]
-UNIT_ROUNDOFF = 2.0**-24  # float32
 
 
 HOST_BACKEND_NAMES = ["cpu", "numpy"]  # the GPU backends' bags: tests/test_bags_gpu.py
@@ -27,10 +26,7 @@ def offsets_of(lengths, dtype=np.int64):
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(dtype)
 
 
-def random_weights(rng, n):
-    """Multiples of 1/4 in [-2, 2], zero included: their float32 sums (and those of their
-    squares) are exact, so a denominator is 0 in float32 exactly where it is in float64."""
-    return (rng.integers(-8, 9, n) / 4).astype(np.float32)
+random_weights = exact_weights
 
 
 def random_bags(rng, vocab, dim, lengths, table_dtype=np.float32, id_dtype=np.int32, weighted=False):
@@ -46,36 +42,9 @@ def geometric_lengths(rng, batch, mean):
     return rng.geometric(1.0 / (mean + 1), batch) - 1  # 0 (an empty bag) included
 
 
-def bag_error_bound(table, values, offsets, weights, combiner):
-    """Per element of the (B, D) result, a bound on the float32 error against the float64
-    reference: a sum of n products in float32, in any order, errs by at most
-    (n + 1) u sum |w x| (u = 2^-24), divided by the (exact) denominator, plus one
-    rounding of the quotient; 0 where the denominator is 0 (both give zeros)."""
-    w = np.ones(values.shape[0], np.float32) if weights is None else weights
-    magnitude = embedding_bag_reference(np.abs(np.asarray(table, np.float64)), values, offsets,
-                                        np.abs(w), "sum")
-    lengths = np.diff(offsets)
-    bag_of = np.repeat(np.arange(lengths.shape[0]), lengths)
-    if combiner == "sum":
-        divisor = np.ones(lengths.shape[0])
-    else:
-        terms = w.astype(np.float64) if combiner == "mean" else w.astype(np.float64) ** 2
-        divisor = np.abs(np.bincount(bag_of, terms, minlength=lengths.shape[0]))
-        divisor = divisor if combiner == "mean" else np.sqrt(divisor)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.where(divisor[:, None] > 0, (lengths[:, None] + 2) * UNIT_ROUNDOFF * magnitude
-                         / divisor[:, None], 0.0)
-    return bound
-
-
 def check_against_reference(out, table, values, offsets, weights, combiner):
     """out: (B, D) of the table's dtype, written into a poisoned buffer by the op."""
-    assert out.dtype == table.dtype and out.shape == (offsets.shape[0] - 1, table.shape[1])
-    assert not unwritten(out).any(), f"{int(unwritten(out).sum())} elements never written"
-    expected = embedding_bag_reference(table, values, offsets, weights, combiner)
-    base = tolerance(table.dtype)
-    atol = bag_error_bound(table, values, offsets, weights, combiner) + base["atol"]
-    report = compare(out, expected, rtol=base["rtol"], atol=atol)
+    report = compare_bags(out, table, values, offsets, weights, combiner)
     assert report is None, report
 
 

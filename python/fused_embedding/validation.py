@@ -71,6 +71,54 @@ def assert_close(actual, expected, dtype, against="reference"):
         raise AssertionError(report)
 
 
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def exact_weights(rng, n) -> np.ndarray:
+    """(n,) float32 bag weights for tests: multiples of 1/4 in [-2, 2], zero included.
+    Their float32 sums (and those of their squares) are exact, so a bag's denominator
+    is 0 in float32 exactly where it is in float64, and never a cancellation's rounding."""
+    return (rng.integers(-8, 9, n) / 4).astype(np.float32)
+
+
+def bag_error_bound(table, values, offsets, weights, combiner) -> np.ndarray:
+    """(B, D): per element of a bags result, a bound on its float32 error against the
+    float64 reference. A sum of n products in float32, in any order, errs by at most
+    (n + 1) u sum |w x| (u = 2^-24); divided by the denominator (exact for
+    ``exact_weights`` and unweighted bags), plus one rounding of the quotient; 0 where
+    the denominator is 0 (both give zeros)."""
+    from .reference import embedding_bag_reference
+    w = np.ones(values.shape[0], np.float32) if weights is None else weights
+    magnitude = embedding_bag_reference(np.abs(np.asarray(table, np.float64)), values, offsets,
+                                        np.abs(w), "sum")
+    lengths = np.diff(offsets)
+    bag_of = np.repeat(np.arange(lengths.shape[0]), lengths)
+    if combiner == "sum":
+        divisor = np.ones(lengths.shape[0])
+    else:
+        terms = w.astype(np.float64) if combiner == "mean" else w.astype(np.float64) ** 2
+        divisor = np.abs(np.bincount(bag_of, terms, minlength=lengths.shape[0]))
+        divisor = divisor if combiner == "mean" else np.sqrt(divisor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(divisor[:, None] > 0, (lengths[:, None] + 2) * FLOAT32_UNIT_ROUNDOFF * magnitude
+                        / divisor[:, None], 0.0)
+
+
+def compare_bags(out, table, values, offsets, weights, combiner) -> str | None:
+    """None when a bags result ``out`` (B, D) of the table's dtype, written into a poisoned
+    buffer, is fully written and within ``bag_error_bound`` (plus the dtype's reference
+    tolerance) of the float64 reference; else a report."""
+    from .reference import embedding_bag_reference
+    if out.dtype != table.dtype or out.shape != (offsets.shape[0] - 1, table.shape[1]):
+        return f"got {out.dtype} {out.shape}, expected {table.dtype} {(offsets.shape[0] - 1, table.shape[1])}"
+    if unwritten(out).any():
+        return f"{int(unwritten(out).sum())} elements never written"
+    expected = embedding_bag_reference(table, values, offsets, weights, combiner)
+    base = tolerance(table.dtype)
+    return compare(out, expected, rtol=base["rtol"],
+                   atol=bag_error_bound(table, values, offsets, weights, combiner) + base["atol"])
+
+
 def compare_to_framework(actual, framework, reference, dtype) -> str | None:
     """None when ``actual`` is as close to a framework's result as that framework is to
     the float64 ``reference``, else a report.
