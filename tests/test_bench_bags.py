@@ -249,3 +249,31 @@ def test_sparse_rows_are_checked_in_the_body(rng):
     theirs = np.asarray(tf.nn.embedding_lookup_sparse(table, fine, None))  # drops the trailing empty row
     np.testing.assert_allclose(ours[:4], theirs, rtol=1e-6)
     assert ours.shape == (5, 4) and not ours[4].any()
+
+
+def test_the_tf_bag_providers_trace_once_per_case(rng):
+    """Bag sets of different longest bags share one dense shape: TF's functions trace once,
+    so no call times a trace (TF logs "triggered tf.function retracing" otherwise)."""
+    pytest.importorskip("tensorflow")
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    case = P.BagCase(12, 3, 40, 8, 100, "uniform")
+    table = P.random_table(rng, case.vocab, case.dim, np.float32)
+    lengths = [P.bag_lengths(rng, case) for _ in range(7)]
+    for k, length in enumerate(lengths):
+        length[0] = k + 1  # a different longest bag in each set
+        length[1:] = 1
+    try:
+        for provider in P.bag_providers():
+            if provider.name.startswith("tf") and provider.unavailable_reason() is None:
+                run = provider.prepare(P.BagInputs(table, P.random_bag_sets(rng, case, lengths)))
+                for k in list(range(len(lengths))) * 2:
+                    run(k)
+    finally:
+        tf_logger.removeHandler(handler)
+    retracing = [r.getMessage() for r in records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]

@@ -909,14 +909,17 @@ def _tf_ragged_sets(inputs: BagInputs):
 
 
 def _tf_sparse_sets(inputs: BagInputs):
-    """Each bag set as a 2-D SparseTensor [B, max length] in canonical row-major order."""
+    """Each bag set as a 2-D SparseTensor [B, W] in canonical row-major order, W the longest
+    bag of all the sets: one dense shape for all, as a fixed-width feature has. (A
+    SparseTensor's dense shape is part of its tf.function signature: a width per set
+    would retrace the function at each new one, and time the tracing.)"""
     tf = _tf()
+    width = max([int(np.diff(s.offsets).max(initial=0)) for s in inputs.bag_sets] + [0])
     sparse = []
     for s in inputs.bag_sets:
         lengths = np.diff(s.offsets)
         rows = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
         cols = np.arange(s.values.size, dtype=np.int64) - np.repeat(s.offsets[:-1], lengths)
-        width = int(lengths.max()) if lengths.size else 0
         sparse.append(tf.SparseTensor(tf.constant(np.stack([rows, cols], axis=1)), tf.constant(s.values),
                                       tf.constant([lengths.size, width], dtype=tf.int64)))
     return sparse
