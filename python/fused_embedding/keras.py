@@ -46,8 +46,67 @@ def _read_in_place(variable):
     return backing if isinstance(backing, tf.Variable) else variable.value
 
 
+class _TableLayer(keras.layers.Layer):
+    """What the fused layers share: an (input_dim, output_dim) ``embeddings`` variable
+    with its initializer, regularizer and constraint, ``mask_zero``, their checks and
+    config, and taking over another layer's table."""
+
+    def __init__(self, input_dim, output_dim, mask_zero, embeddings_initializer,
+                 embeddings_regularizer, embeddings_constraint, **kwargs):
+        _check_backend()
+        super().__init__(**kwargs)
+        for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if not isinstance(mask_zero, (bool, np.bool_)):
+            raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
+        self.input_dim = int(input_dim)
+        self.output_dim = int(output_dim)
+        self.mask_zero = bool(mask_zero)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
+        # XLA compiles neither the op's compiled kernel (a custom op with no XLA lowering)
+        # nor its Python-function ops: keep Keras' jit_compile="auto" off.
+        self.supports_jit = False
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer,
+            name="embeddings", regularizer=self.embeddings_regularizer,
+            constraint=self.embeddings_constraint, trainable=True)
+        self.built = True
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # the pooled output has no sequence axis left to mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_dim=self.input_dim, output_dim=self.output_dim, mask_zero=self.mask_zero,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+            embeddings_regularizer=keras.regularizers.serialize(self.embeddings_regularizer),
+            embeddings_constraint=keras.constraints.serialize(self.embeddings_constraint))
+        return config
+
+    def _take_table(self, table, trainable: bool) -> None:
+        """Use ``table`` (another layer's variable, no copy) as this layer's, built.
+
+        Tracked among the layer's trainable variables, as add_weight tracks the
+        Embedding's, so that a later ``layer.trainable = True`` reaches it; a layer that
+        is not trainable freezes it again as it tracks it."""
+        table.trainable = True
+        try:
+            self.embeddings = table
+        finally:
+            table.trainable = trainable
+        self.built = True
+
+
 @keras.saving.register_keras_serializable(package="fused_embedding")
-class EmbeddingMean(keras.layers.Layer):
+class EmbeddingMean(_TableLayer):
     """``Embedding(input_dim, output_dim) -> GlobalAveragePooling1D(data_format)`` in one fused layer.
 
     Input: (B, L) int32 or int64 ids in [0, input_dim) (declare the Input with an
@@ -68,40 +127,17 @@ class EmbeddingMean(keras.layers.Layer):
     def __init__(self, input_dim, output_dim, data_format="channels_last", mask_zero=False,
                  embeddings_initializer="uniform", embeddings_regularizer=None,
                  embeddings_constraint=None, backend=None, **kwargs):
-        _check_backend()
-        super().__init__(**kwargs)
-        for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        super().__init__(input_dim, output_dim, mask_zero, embeddings_initializer,
+                         embeddings_regularizer, embeddings_constraint, **kwargs)
         if data_format not in _DATA_FORMATS:
             raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
-        if not isinstance(mask_zero, (bool, np.bool_)):
-            raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
-        self.input_dim = int(input_dim)
-        self.output_dim = int(output_dim)
         self.data_format = data_format
-        self.mask_zero = bool(mask_zero)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
-        self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
         self.backend = backend
-        # XLA compiles neither the op's compiled kernel (a custom op with no XLA lowering)
-        # nor its Python-function ops: keep Keras' jit_compile="auto" off.
-        self.supports_jit = False
         self.input_spec = keras.layers.InputSpec(ndim=2)
 
     @property
     def axis(self) -> int:
         return _DATA_FORMATS[self.data_format]
-
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        self.embeddings = self.add_weight(
-            shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer,
-            name="embeddings", regularizer=self.embeddings_regularizer,
-            constraint=self.embeddings_constraint, trainable=True)
-        self.built = True
 
     def call(self, inputs):
         out = fused_tf.embedding_mean(_read_in_place(self.embeddings), inputs, axis=self.axis,
@@ -124,18 +160,9 @@ class EmbeddingMean(keras.layers.Layer):
             raise ValueError(f"{self.name} takes (batch, length) ids, got shape {inputs.shape}")
         return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
 
-    def compute_mask(self, inputs, mask=None):
-        return None  # the pooled output has no sequence axis left to mask
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            input_dim=self.input_dim, output_dim=self.output_dim, data_format=self.data_format,
-            mask_zero=self.mask_zero,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-            embeddings_regularizer=keras.regularizers.serialize(self.embeddings_regularizer),
-            embeddings_constraint=keras.constraints.serialize(self.embeddings_constraint),
-            backend=self.backend)
+        config.update(data_format=self.data_format, backend=self.backend)
         return config
 
     @classmethod
@@ -180,15 +207,7 @@ class EmbeddingMean(keras.layers.Layer):
                     activity_regularizer=pooling.activity_regularizer,
                     backend=backend, dtype=embedding.dtype_policy, trainable=trainable,
                     name=name or embedding.name)
-        # Tracked among the layer's trainable variables, as add_weight tracks the
-        # Embedding's, so that a later `layer.trainable = True` reaches it; a layer
-        # that is not trainable freezes it again as it tracks it.
-        table.trainable = True
-        try:
-            layer.embeddings = table
-        finally:
-            table.trainable = trainable
-        layer.built = True
+        layer._take_table(table, trainable)
         return layer
 
     def to_layers(self, embedding_name=None, pooling_name=None

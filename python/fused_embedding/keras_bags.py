@@ -13,16 +13,15 @@ needed to use this layer.
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from . import tf as fused_tf  # (which brings tf_bags' sparse lookups; importing tf_bags first is a cycle)
-from .keras import _check_backend, _read_in_place
+from .keras import _read_in_place, _TableLayer
 from .spec import Pooling
 
 
 @keras.saving.register_keras_serializable(package="fused_embedding")
-class EmbeddingBag(keras.layers.Layer):
+class EmbeddingBag(_TableLayer):
     """``Embedding(input_dim, output_dim)`` then a ``combiner`` over each bag, fused.
 
     Inputs, as ``keras_rs.layers.EmbedReduce`` takes them (int32 or int64 ids in
@@ -46,30 +45,9 @@ class EmbeddingBag(keras.layers.Layer):
     def __init__(self, input_dim, output_dim, embeddings_initializer="uniform",
                  embeddings_regularizer=None, embeddings_constraint=None, mask_zero=False,
                  combiner="mean", **kwargs):
-        _check_backend()
-        super().__init__(**kwargs)
-        for arg, value in (("input_dim", input_dim), ("output_dim", output_dim)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        if not isinstance(mask_zero, (bool, np.bool_)):
-            raise TypeError(f"mask_zero must be a bool, got {type(mask_zero).__name__} {mask_zero!r}")
+        super().__init__(input_dim, output_dim, mask_zero, embeddings_initializer,
+                         embeddings_regularizer, embeddings_constraint, **kwargs)
         self.combiner = Pooling.of(combiner).value
-        self.input_dim = int(input_dim)
-        self.output_dim = int(output_dim)
-        self.mask_zero = bool(mask_zero)
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
-        self.embeddings_constraint = keras.constraints.get(embeddings_constraint)
-        self.supports_jit = False  # no XLA lowering for the op's bodies (as EmbeddingMean)
-
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        self.embeddings = self.add_weight(
-            shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer,
-            name="embeddings", regularizer=self.embeddings_regularizer,
-            constraint=self.embeddings_constraint, trainable=True)
-        self.built = True
 
     def call(self, inputs, weights=None):
         ids, bag_weights = _as_bags(inputs, weights, self.combiner)
@@ -91,9 +69,6 @@ class EmbeddingBag(keras.layers.Layer):
             raise ValueError(f"{self.name} takes weights of the ids' shape {tuple(inputs.shape)}, got "
                              f"{tuple(weights.shape)}")
         return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
-
-    def compute_mask(self, inputs, mask=None):
-        return None  # the reduced output has no sequence axis left to mask
 
     @classmethod
     def from_embed_reduce(cls, layer) -> "EmbeddingBag":
@@ -128,14 +103,7 @@ class EmbeddingBag(keras.layers.Layer):
                     embeddings_constraint=layer.embeddings_constraint,
                     activity_regularizer=activity_regularizer, dtype=layer.dtype_policy,
                     trainable=trainable, name=layer.name)
-        # Tracked as a trainable variable (so that `trainable = True` later reaches it), as
-        # EmbeddingMean.from_layers does.
-        table.trainable = True
-        try:
-            fused.embeddings = table
-        finally:
-            table.trainable = trainable
-        fused.built = True
+        fused._take_table(table, trainable)
         return fused
 
     def to_embed_reduce(self):
@@ -156,12 +124,7 @@ class EmbeddingBag(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            input_dim=self.input_dim, output_dim=self.output_dim, mask_zero=self.mask_zero,
-            combiner=self.combiner,
-            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
-            embeddings_regularizer=keras.regularizers.serialize(self.embeddings_regularizer),
-            embeddings_constraint=keras.constraints.serialize(self.embeddings_constraint))
+        config.update(combiner=self.combiner)
         return config
 
 
