@@ -876,6 +876,10 @@ def run_bench_bags(args, parser) -> int:
         except Exception as exc:
             baselines["cpu"] = dict(device="cpu", error=f"{type(exc).__name__}: {exc}", gb_per_s=None)
 
+    # The read baseline again inside every case, as one more runner of its rounds, so the
+    # % of read bandwidth compares calls made under the same load (on a shared machine the
+    # read measured once at the start moved 5-55 GB/s between runs).
+    read_run, read_bytes = P.read_baseline()
     measurements = []
     by_table: dict = {}  # one table (and row shuffle) per (V, D, dtype), shared by its cases
     for case in cases:
@@ -888,8 +892,9 @@ def run_bench_bags(args, parser) -> int:
             if bar is not None:
                 bar.set_description(case.label)
             measurements += _measure_bag_case(P, available, case, table, permutation, cache, rng, repeats,
-                                              case_seconds, failed, copy["cpu"], read["cpu"], bar)
+                                              case_seconds, failed, copy["cpu"], (read_run, read_bytes), bar)
         del table, cache
+    del read_run
     if bar is not None:
         bar.close()
 
@@ -914,7 +919,9 @@ def _measure_bag_case(P, providers, case, table, permutation, cache, rng, repeat
     """Time every bags provider on one case, interleaved; one measurement dict per provider.
 
     Every provider rotates among the same bag lengths (so the same N per set), each with
-    its own fresh ids and weights (so no call finds the rows another provider just read)."""
+    its own fresh ids and weights (so no call finds the rows another provider just read).
+    ``read``: (run, bytes) of the read baseline, timed in the same rounds: each
+    measurement's ``pct_of_read`` is over its median (``case_read_gb_per_s``)."""
     n_sets = P.bag_set_count(case)
     lengths = [P.bag_lengths(rng, case) for _ in range(n_sets)]
     results, runners = [], []
@@ -938,13 +945,17 @@ def _measure_bag_case(P, providers, case, table, permutation, cache, rng, repeat
         results.append(m)
         if bar is not None:
             bar.update(1)
-    _time_interleaved(runners, rng, repeats, case_seconds, n_sets)
+    read_run, read_bytes = read
+    read_times: list = []
+    _time_interleaved(runners + [(dict(status="ok"), lambda _k: read_run(), read_times)], rng, repeats,
+                      case_seconds, n_sets)
+    case_read = dict(gb_per_s=P.gb_per_s(read_bytes, float(np.median(read_times))) if read_times else None)
     for m, _, times in runners:
         if m["status"] == "ok" and times:
             stats = P.summarize(times)
             gbs = P.gb_per_s(m["bytes"], stats["median_ms"] / 1e3)
-            m.update(stats, times_ms=[t * 1e3 for t in times], gb_per_s=gbs,
-                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, read))
+            m.update(stats, times_ms=[t * 1e3 for t in times], gb_per_s=gbs, case_read_gb_per_s=case_read["gb_per_s"],
+                     pct_of_copy=_percent_of(gbs, copy), pct_of_read=_percent_of(gbs, case_read))
     timed = {m["provider"]: m for m in results if m["status"] == "ok" and "median_ms" in m}
     by_name = {p.name: p for p in providers}
     for m in timed.values():
@@ -1043,7 +1054,8 @@ def bag_markdown_block(results) -> str:
         f"Date: {results['date']}. Command: `{results['command']}` ({results['duration_s']:.0f} s).  ",
         f"Versions: {versions_text}.  ",
         f"Copy bandwidth: {_bandwidth_text(copy)}.  ",
-        f"Read bandwidth: {_bandwidth_text(read)}: the most a gather could reach.  ",
+        f"Read bandwidth at the start: {_bandwidth_text(read)}: the most a gather could reach; "
+        f"% read BW is over the same read timed again in each case's rounds (below).  ",
         f"Load average (1/5/15 min) at the start: {_load_text(results, 'start')}, at the end: "
         f"{_load_text(results, 'end')} ({machine['cores']} cores; other work on the machine slows every provider).  ",
         "Median of interleaved calls, providers in a fresh random order each round (p20-p80), bag sets "
@@ -1057,6 +1069,12 @@ def bag_markdown_block(results) -> str:
     lines += ["", "Targets:", "", "| case | ratio | target | measured | |", "| --- | --- | ---: | ---: | --- |"]
     lines += [f"| {case} | {what} | {goal} | {measured} | {verdict} |"
               for case, what, goal, measured, verdict in _target_lines(results)]
+    case_reads = {}
+    for m in ms:
+        if m.get("case_read_gb_per_s"):
+            case_reads.setdefault(_bag_label(m), m["case_read_gb_per_s"])
+    lines += ["", "Read bandwidth timed in each case's rounds (what % read BW is over):", ""]
+    lines += [f"- {label}: {gbs:.1f} GB/s" for label, gbs in case_reads.items()]
     lines += ["", "Median ms (x over its baseline):", "",
               "| case | " + " | ".join(providers) + " |", "| --- |" + " ---: |" * len(providers)]
     cells: dict = {}
