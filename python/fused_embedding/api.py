@@ -10,6 +10,7 @@ from . import backends
 from .backends import device_of
 from .checks import check_backend_name, check_host_inputs, normalize_axis
 from .memory import ALIGNED_OUTPUT_MIN_BYTES, empty_aligned, output_too_large_error
+from .quantized import QuantizedTable
 from .semantics import output_shape
 from .spec import BoundsCheck
 
@@ -47,7 +48,9 @@ def embedding_mean(table, ids, *, axis=1, mask_zero=False, backend=None, bounds_
     Args:
       table: (V, D) float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy)
         array; NumPy (or anything ``np.asarray`` takes without copying) on the host,
-        or a GPU array (CUDA array interface / DLPack) for the GPU backends.
+        or a GPU array (CUDA array interface / DLPack) for the GPU backends. Or a
+        ``QuantizedTable`` (``quantize_table``; "cpu" and "numpy" backends only), whose
+        results are float32.
       ids: (B, L) int32 or int64 array of row indices in [0, V). On the host even
         when the table is on a GPU (they are copied over; the table never is).
       axis: 1 -> (B, D), the mean over the L ids of each bag (Keras
@@ -89,6 +92,9 @@ def _embedding_mean(table, ids, axis, mask_zero, backend, aligned_output: bool,
     don't ask: the alignment costs 3 us, and 40-70 us when the caches are cold
     (benchmarks/NOTES.md).
     """
+    if type(table) is QuantizedTable:
+        from . import quantized
+        return quantized.embedding_mean(table, ids, axis, mask_zero, backend)
     axis = normalize_axis(axis)
     table_device, ids_device = device_of(table), device_of(ids)
     if table_device == "cpu" and type(table) is not np.ndarray:

@@ -16,6 +16,7 @@ from .api import MEMORY_CHECK_MIN_BYTES, choose_backend
 from .backends import BAG_OUT_OF_RANGE_MESSAGE, bag_out_of_range_error, device_of  # noqa: F401 (tf_bags' message)
 from .checks import check_table_shape, table_dtype_error
 from .memory import output_too_large_error
+from .quantized import QuantizedTable
 from .semantics import TABLE_FORMATS, table_format
 from .spec import BoundsCheck, Pooling
 
@@ -31,7 +32,8 @@ def embedding_bag(table, values, offsets, *, weights=None, combiner="mean", back
     Args:
       table: (V, D) float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) array: on the
         host (NumPy, or anything ``np.asarray`` takes without copying), or a GPU array
-        (CUDA array interface / DLPack) for the GPU backends.
+        (CUDA array interface / DLPack) for the GPU backends. Or a ``QuantizedTable``
+        (``quantize_table``; "cpu" and "numpy" backends only), whose results are float32.
       values: (N,) int32 or int64, the ids of every bag one after another, each in [0, V).
       offsets: (B + 1,) int32 or int64, non-decreasing, ``offsets[0] == 0`` and
         ``offsets[-1] == N``: bag b is ``values[offsets[b]:offsets[b + 1]]``, and may be empty.
@@ -72,6 +74,10 @@ def _embedding_bag(table, values, offsets, weights, combiner, backend, out=None,
     """``embedding_bag``; ``out`` (B, D) of the table's dtype receives the result (tests pass
     a poisoned one; on an error it may be partly written), ``n_chunks`` forces the cpu
     kernel's split (tests: bags cut across many chunks)."""
+    if type(table) is QuantizedTable:
+        from . import quantized
+        return quantized.embedding_bag(table, values, offsets, weights, combiner, backend, out,
+                                       check_bag_ids=check_bag_ids)
     table, values, offsets, weights = (None if a is None else _as_array(a) for a in
                                        (table, values, offsets, weights))
     combiner = Pooling.of(combiner)
@@ -136,6 +142,11 @@ def check_bag_inputs(table, values, offsets, weights) -> None:
     if np.dtype(table.dtype) not in TABLE_FORMATS:
         raise table_dtype_error(str(np.dtype(table.dtype)))
     check_table_shape(table.shape)
+    check_bag_ids(values, offsets, weights)
+
+
+def check_bag_ids(values, offsets, weights) -> None:
+    """``check_bag_inputs`` less the table's checks (a quantized table has its own)."""
     _integer_check(values, "values", "(N,)")
     _integer_check(offsets, "offsets", "(B + 1,)")
     total = values.shape[0]

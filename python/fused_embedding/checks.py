@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .semantics import Axis
-from .spec import TableFormat
+from .spec import FLOAT_FORMATS, TableFormat
 
-TABLE_DTYPE_NAMES = tuple(fmt.storage_dtype.name for fmt in TableFormat)  # float32, float16, bfloat16
+TABLE_DTYPE_NAMES = tuple(fmt.storage_dtype.name for fmt in FLOAT_FORMATS)  # float32, float16, bfloat16
 ID_DTYPE_NAMES = ("int32", "int64")
 ID_DTYPES = tuple(np.dtype(name) for name in ID_DTYPE_NAMES)
 

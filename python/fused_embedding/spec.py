@@ -24,6 +24,9 @@ import numpy as np
 
 from .semantics import BFLOAT16, FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32, PADDING_ID, Axis
 
+# The quantized formats' kernel codes (after the float formats' in semantics.py).
+FORMAT_INT8_ROWWISE, FORMAT_INT4_ROWWISE, FORMAT_KERAS_INT8 = 3, 4, 5
+
 
 class Pooling(enum.Enum):
     """How a bag's (weighted) rows combine; TF's ``combiner`` names and definitions."""
@@ -52,11 +55,25 @@ _POOLING_CODES = {Pooling.MEAN: 0, Pooling.SUM: 1, Pooling.SQRTN: 2}
 
 class TableFormat(enum.Enum):
     """How a table's rows are stored. Float formats are read as they are and pooled in
-    float32; the value is (storage dtype name, the kernels' format code)."""
+    float32; the value is (storage dtype name, the kernels' format code).
+
+    Row-wise quantized formats (``fused_embedding.quantize_table``, quantized.py): a
+    data array of ``storage_dtype`` and float32 row parameters; read by the kernels
+    as they are (dequantised as rows are summed), pooled and returned in float32.
+    INT8_ROWWISE: uint8 (V, D), value = q * scale + bias (torch's
+    ``embedding_bag_byte_prepack``, FBGEMM's fused 8-bit row-wise, parameters apart).
+    INT4_ROWWISE: uint8 (V, D / 2), two values a byte, column 2j in the low nibble
+    of byte j, 2j + 1 in the high one; value = q * scale + bias.
+    KERAS_INT8: Keras' ``Embedding.quantize("int8")``: int8 (V, D) ``embeddings`` and
+    float32 (V,) ``embeddings_scale``, value = q / scale.
+    """
 
     FP32 = ("float32", FORMAT_FLOAT32)
     FP16 = ("float16", FORMAT_FLOAT16)
     BF16 = ("bfloat16", FORMAT_BFLOAT16)
+    INT8_ROWWISE = ("uint8", FORMAT_INT8_ROWWISE)
+    INT4_ROWWISE = ("uint8", FORMAT_INT4_ROWWISE)
+    KERAS_INT8 = ("int8", FORMAT_KERAS_INT8)
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -66,14 +83,29 @@ class TableFormat(enum.Enum):
     def kernel_code(self) -> int:
         return self.value[1]
 
+    @property
+    def quantized(self) -> bool:
+        """True for the row-wise quantized formats (data + per-row float32 parameters)."""
+        return self in _ROW_PARAMETERS
+
+    @property
+    def row_parameters(self) -> int:
+        """float32 parameters stored per row: 2 (scale, bias), 1 (Keras' scale), 0 (float formats)."""
+        return _ROW_PARAMETERS.get(self, 0)
+
+    def storage_columns(self, dim: int) -> int:
+        """Columns of the data array of a table of ``dim`` values a row (int4: two a byte)."""
+        return dim // 2 if self is TableFormat.INT4_ROWWISE else dim
+
     def bytes_per_row(self, dim: int) -> int:
         """Bytes one row of ``dim`` values occupies (quantized formats add their row parameters)."""
-        return dim * self.storage_dtype.itemsize
+        return self.storage_columns(dim) * self.storage_dtype.itemsize + 4 * self.row_parameters
 
     @property
     def output_dtype(self) -> np.dtype:
-        """The op's result dtype: a float table's own (accumulated in float32 regardless)."""
-        return self.storage_dtype
+        """The op's result dtype: a float table's own (accumulated in float32 regardless),
+        float32 for a quantized one."""
+        return ACCUMULATE_DTYPE if self.quantized else self.storage_dtype
 
     @classmethod
     def of_dtype(cls, dtype) -> "TableFormat | None":
@@ -88,8 +120,13 @@ class TableFormat(enum.Enum):
 
 
 _STORAGE_DTYPES = {TableFormat.FP32: np.dtype(np.float32), TableFormat.FP16: np.dtype(np.float16),
-                   TableFormat.BF16: BFLOAT16}
-_FORMATS_BY_DTYPE = {dtype: fmt for fmt, dtype in _STORAGE_DTYPES.items()}
+                   TableFormat.BF16: BFLOAT16, TableFormat.INT8_ROWWISE: np.dtype(np.uint8),
+                   TableFormat.INT4_ROWWISE: np.dtype(np.uint8), TableFormat.KERAS_INT8: np.dtype(np.int8)}
+_ROW_PARAMETERS = {TableFormat.INT8_ROWWISE: 2, TableFormat.INT4_ROWWISE: 2, TableFormat.KERAS_INT8: 1}
+# Float tables only: an integer array is not a table by itself (quantized ones come with parameters).
+_FORMATS_BY_DTYPE = {dtype: fmt for fmt, dtype in _STORAGE_DTYPES.items() if fmt not in _ROW_PARAMETERS}
+FLOAT_FORMATS = tuple(fmt for fmt in _STORAGE_DTYPES if fmt not in _ROW_PARAMETERS)
+QUANTIZED_FORMATS = tuple(_ROW_PARAMETERS)
 
 
 class BagsKind(enum.Enum):
