@@ -1140,7 +1140,10 @@ def plot_bags(results, path: Path) -> None:
         ax.set_title(f"CPU bags: {title}", fontsize=10)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        # Ratios span a decade or so: minor labels help read them; % spans more.
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g") if key == "speedup"
+                                     else matplotlib.ticker.NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.grid(axis="y", alpha=0.3)
         if here:
             ax.legend(fontsize=7, ncol=2)
