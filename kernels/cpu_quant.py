@@ -2,7 +2,7 @@
 
 Rows are dequantised as they are read, never written out: a bag's pooled row is
 ``sum_k w_k (q_k * scale_k + bias_k) = sum_k (w_k scale_k) q_k + sum_k w_k bias_k``, so each
-row costs one multiply-add per value (its scale folded into the weight) and one scalar
+row costs a multiply and an add per value (its scale folded into the weight; 16 values a vector, the sums in registers) and one scalar
 add for its bias, all in float32. Keras' layout (value = q / scale) multiplies by the
 row's reciprocal scale: within two float32 roundings of Keras' own quotient.
 
@@ -29,12 +29,15 @@ cpu_bags.py delete kernels/__pycache__/cpu_quant.*.nb[ic].
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ..semantics import FORMAT_FLOAT32
 from ..spec import FORMAT_INT4_ROWWISE, FORMAT_KERAS_INT8, Pooling
 from .cpu import _prefetch_rows
 from .cpu_bags import _first_bad, _store_bag
+from .cpu_rows import LANES
 
 _SQRTN = Pooling.SQRTN.kernel_code  # compile-time constants (Numba freezes module globals)
 _INT4 = FORMAT_INT4_ROWWISE
@@ -49,20 +52,153 @@ def _scale_bias(params, r, fmt):
     return params[r, 0], params[r, 1]
 
 
-@njit(inline="always", fastmath={"contract"})
-def _add_scaled_row(data, r, scale, fmt, acc):
-    """acc += scale * q of row r.  int4: acc in nibble order, acc[j] the low nibble of byte j
-    and acc[C + j] its high one (two unit-stride loops LLVM vectorises); ``_store_pooled``
-    puts the columns back in order."""
-    columns = data.shape[1]
+_UNSIGNED, _SIGNED, _NIBBLES = 0, 1, 2  # how a loaded byte becomes values: uint8, int8, two 4-bit
+
+
+def _make_scaled_rows(n_loads: int, kind: int):
+    """A vector pass: for the bytes [col, col + 16 n_loads) of each row, acc += mults[k] *
+    q(data[rows[k], ...]) over k < count, the sums in <16 x float> registers across all the
+    bag's rows (as kernels/cpu_rows.py's passes keep theirs) and stored once. _NIBBLES
+    loads give two vectors each: low nibbles to acc[col + i], high ones to acc[C + col + i]
+    (C = data's columns)."""
+
+    @intrinsic
+    def scaled_rows(typingctx, data, rows, mults, count, col, acc):
+        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C"
+                and data.dtype in (types.uint8, types.int8)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data_v, rows_v, mults_v, count_v, col_v, acc_v = args
+            data_t, rows_t, mults_t, count_t, col_t, acc_t = sig.args
+            i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+            vec_i8, vec_i32, vec_f32 = (ir.VectorType(t, LANES) for t in (ir.IntType(8), i32, f32))
+            data_a = context.make_array(data_t)(context, builder, data_v)
+            rows_a = context.make_array(rows_t)(context, builder, rows_v)
+            mults_a = context.make_array(mults_t)(context, builder, mults_v)
+            acc_a = context.make_array(acc_t)(context, builder, acc_v)
+            stride = builder.extract_value(data_a.strides, 0)
+            columns = builder.extract_value(data_a.shape, 1)
+            count_i = context.cast(builder, count_v, count_t, types.int64)
+            col_i = context.cast(builder, col_v, col_t, types.int64)
+            base = builder.bitcast(data_a.data, ir.IntType(8).as_pointer())
+            n_accs = n_loads * (2 if kind == _NIBBLES else 1)
+
+            entry = builder.basic_block
+            loop = builder.append_basic_block("qrows.loop")
+            body = builder.append_basic_block("qrows.body")
+            done = builder.append_basic_block("qrows.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            accs = []
+            for _ in range(n_accs):
+                accs.append(builder.phi(vec_f32))
+                accs[-1].add_incoming(ir.Constant(vec_f32, None), entry)
+            builder.cbranch(builder.icmp_signed("<", k, count_i), body, done)
+
+            builder.position_at_end(body)
+            row = context.cast(builder, builder.load(builder.gep(rows_a.data, [k])), rows_t.dtype, types.int64)
+            row_ptr = builder.gep(base, [builder.add(builder.mul(row, stride), col_i)])
+            mult = builder.load(builder.gep(mults_a.data, [k]))
+            mult_v = builder.shuffle_vector(builder.insert_element(ir.Constant(vec_f32, ir.Undefined), mult,
+                                                                   ir.Constant(i32, 0)),
+                                            ir.Constant(vec_f32, ir.Undefined),
+                                            ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            new_accs = []
+            for v in range(n_loads):
+                ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES)]), vec_i8.as_pointer())
+                raw = builder.load(ptr, align=1)
+                if kind == _SIGNED:
+                    parts = [builder.sext(raw, vec_i32)]
+                elif kind == _UNSIGNED:
+                    parts = [builder.zext(raw, vec_i32)]
+                else:
+                    wide = builder.zext(raw, vec_i32)
+                    parts = [builder.and_(wide, ir.Constant(vec_i32, [15] * LANES)),
+                             builder.lshr(wide, ir.Constant(vec_i32, [4] * LANES))]
+                for h, part in enumerate(parts):
+                    value = builder.sitofp(part, vec_f32)
+                    # contract: one fused multiply-add (one rounding, not two)
+                    product = builder.fmul(mult_v, value, flags=("contract",))
+                    new_accs.append((v + h * n_loads, builder.fadd(accs[v + h * n_loads], product,
+                                                                   flags=("contract",))))
+            k.add_incoming(builder.add(k, ir.Constant(i64, 1)), body)
+            for index, value in new_accs:
+                accs[index].add_incoming(value, body)
+            builder.branch(loop)
+
+            builder.position_at_end(done)
+            acc_base = builder.bitcast(acc_a.data, f32.as_pointer())
+            for index in range(n_accs):
+                v, high = index % n_loads, index >= n_loads
+                start = builder.add(col_i, ir.Constant(i64, v * LANES))
+                if high:
+                    start = builder.add(start, columns)
+                ptr = builder.bitcast(builder.gep(acc_base, [start]), vec_f32.as_pointer())
+                builder.store(accs[index], ptr, align=4)
+            return context.get_dummy_value()
+
+        return types.none(data, rows, mults, count, col, acc), codegen
+    return scaled_rows
+
+
+def _make_vector_columns(kind: int):
+    """The vector passes of one kind over the leading columns that fill whole 16-byte
+    loads: 128 bytes a pass, then 64, 32, 16. Returns the first byte column left over."""
+    x8, x4, x2, x1 = (_make_scaled_rows(n, kind) for n in (8, 4, 2, 1))
+
+    @njit(inline="always")
+    def vector_columns(data, rows, mults, count, acc):
+        columns = data.shape[1]
+        col = 0
+        while col + 8 * LANES <= columns:
+            x8(data, rows, mults, count, col, acc)
+            col += 8 * LANES
+        if col + 4 * LANES <= columns:
+            x4(data, rows, mults, count, col, acc)
+            col += 4 * LANES
+        if col + 2 * LANES <= columns:
+            x2(data, rows, mults, count, col, acc)
+            col += 2 * LANES
+        if col + LANES <= columns:
+            x1(data, rows, mults, count, col, acc)
+            col += LANES
+        return col
+    return vector_columns
+
+
+_unsigned_columns = _make_vector_columns(_UNSIGNED)
+_signed_columns = _make_vector_columns(_SIGNED)
+_nibble_columns = _make_vector_columns(_NIBBLES)
+
+
+@njit(inline="always")
+def _sum_scaled_rows(data, rows, mults, count, fmt, acc):
+    """acc = sum over k < count of mults[k] * q(data[rows[k]]) (int4: in nibble order)."""
     if fmt == _INT4:
-        for j in range(columns):
-            byte = data[r, j]
-            acc[j] += scale * np.float32(byte & 15)
-            acc[columns + j] += scale * np.float32(byte >> 4)
+        col = _nibble_columns(data, rows, mults, count, acc)
+    elif fmt == _KERAS:
+        col = _signed_columns(data, rows, mults, count, acc)
     else:
-        for j in range(columns):
-            acc[j] += scale * np.float32(data[r, j])
+        col = _unsigned_columns(data, rows, mults, count, acc)
+    columns = data.shape[1]
+    if col < columns:  # the last C % 16 byte columns
+        acc[col:columns] = 0.0
+        if fmt == _INT4:
+            acc[columns + col:] = 0.0
+        for k in range(count):
+            r = rows[k]
+            mult = mults[k]
+            if fmt == _INT4:
+                for j in range(col, columns):
+                    byte = data[r, j]
+                    acc[j] += mult * np.float32(byte & 15)
+                    acc[columns + j] += mult * np.float32(byte >> 4)
+            else:
+                for j in range(col, columns):
+                    acc[j] += mult * np.float32(data[r, j])
 
 
 @njit(inline="always")
@@ -99,9 +235,14 @@ def _pool_quantized(data, params, values, offsets, weights, weighted, padding_id
     dim = out.shape[1]
     n_chunks = (batch + bags_per_chunk - 1) // bags_per_chunk
     first_bad = offsets[batch]
+    longest = 0
+    for b in range(batch):
+        longest = max(longest, offsets[b + 1] - offsets[b])
     for chunk in prange(n_chunks):
         acc = np.empty(dim, dtype=np.float32)      # [D], one per chunk
         ordered = np.empty(dim, dtype=np.float32)  # [D], int4's columns in order
+        rows = np.empty(longest, dtype=np.int64)   # the bag's counted ids
+        mults = np.empty(longest, dtype=np.float32)  # their w * scale
         first = chunk * bags_per_chunk
         last = min(batch, first + bags_per_chunk)
         start, end = offsets[first], offsets[last]
@@ -113,9 +254,11 @@ def _pool_quantized(data, params, values, offsets, weights, weighted, padding_id
             if bad >= 0:
                 first_bad = min(first_bad, bad)
                 continue
-            acc[:] = 0.0
+            # A scalar pass over the bag's ids (parameters, weights, the rows' prefetch as
+            # far ahead of the vector passes as they are long), then the vector passes.
             bias_sum = np.float32(0.0)
             term = np.float32(0.0)
+            count = 0
             for p in range(lo, hi):
                 _prefetch_row(data, params, values, p + rows_ahead, end)
                 r = values[p]
@@ -123,9 +266,12 @@ def _pool_quantized(data, params, values, offsets, weights, weighted, padding_id
                     continue
                 w = weights[p] if weighted else np.float32(1.0)
                 scale, bias = _scale_bias(params, r, fmt)
-                _add_scaled_row(data, r, w * scale, fmt, acc)
+                rows[count] = r
+                mults[count] = w * scale
+                count += 1
                 bias_sum += w * bias
                 term += w * w if combiner == _SQRTN else w
+            _sum_scaled_rows(data, rows, mults, count, fmt, acc)
             _store_pooled(out, b, acc, bias_sum, term, combiner, fmt, ordered)
     return first_bad
 
