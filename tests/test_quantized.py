@@ -313,3 +313,20 @@ def test_bad_arguments(rng):
         fe.embedding_bag(qtable, np.zeros(3, np.int32), np.array([0, 2]))
     with pytest.raises(ValueError, match="axis must be 1"):
         fe.embedding_mean(qtable, np.zeros((2, 3), np.int32), axis=3)
+
+
+@pytest.mark.slow  # imports Keras (and TensorFlow)
+def test_keras_int8_layer_gives_the_same_means(rng):
+    keras = pytest.importorskip("keras")
+    layer = keras.layers.Embedding(50, 24)
+    layer.build((None,))
+    layer.quantize("int8")
+    qtable = fe.QuantizedTable.from_keras_int8(np.asarray(layer._embeddings), np.asarray(layer.embeddings_scale))
+    ids = rng.integers(0, 50, (6, 9)).astype(np.int32)
+    theirs = np.asarray(keras.ops.mean(layer(ids), axis=1), np.float64)
+    ours = fe.embedding_mean(qtable, ids)
+    # Both err from the exact mean by at most (L + 4) u of the mean of |values| (Keras: a
+    # float32 quotient a value, a float32 sum of L, a division; ours: bag_bound's).
+    size = np.abs(dequantized_rows(qtable, ids)).mean(axis=1)
+    report = compare(ours, theirs, rtol=0.0, atol=2 * (ids.shape[1] + 4) * FLOAT32_UNIT_ROUNDOFF * size)
+    assert report is None, report
