@@ -330,3 +330,15 @@ def test_keras_int8_layer_gives_the_same_means(rng):
     size = np.abs(dequantized_rows(qtable, ids)).mean(axis=1)
     report = compare(ours, theirs, rtol=0.0, atol=2 * (ids.shape[1] + 4) * FLOAT32_UNIT_ROUNDOFF * size)
     assert report is None, report
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)])
+def test_empty_shapes(rng, backend, shape):
+    qtable = make_table(rng, "int4", 10, 6)
+    ids = np.zeros(shape, np.int32)
+    for axis, out_shape in ((1, (shape[0], 6)), (2, shape)):
+        out = fe.embedding_mean(qtable, ids, axis=axis, mask_zero=True, backend=backend)
+        assert out.shape == out_shape and out.dtype == np.float32 and not out.any()
+    empty_bags = fe.embedding_bag(qtable, np.zeros(0, np.int32), np.zeros(shape[0] + 1, np.int64), backend=backend)
+    assert empty_bags.shape == (shape[0], 6) and not empty_bags.any()
