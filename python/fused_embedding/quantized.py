@@ -295,8 +295,11 @@ def embedding_mean(qtable: QuantizedTable, ids, axis, mask_zero, backend, out=No
 
 def embedding_bag(qtable: QuantizedTable, values, offsets, weights, combiner, backend, out=None,
                   check_bag_ids=None) -> np.ndarray:
-    """``bags.embedding_bag`` for a quantized table: (B, D) float32. ``out`` as there."""
+    """``bags.embedding_bag`` for a quantized table: (B, D) float32. ``out`` as there;
+    ``check_bag_ids``: bags' checks of values, offsets and weights (bags.py passes its own)."""
     from .backends import bag_out_of_range_error
+    if check_bag_ids is None:
+        from .bags import check_bag_ids
     combiner = Pooling.of(combiner)
     name = _backend_for(backend, _ids_device(values, offsets, weights))
     values, offsets = np.asarray(values), np.asarray(offsets)
