@@ -4,19 +4,24 @@ Every combiner, with and without weights, on SparseTensor and RaggedTensor ids, 
 in tf.function and in the export twin; gradients under tf.GradientTape (the table's and
 the weights') against TF's; the safe op's pruning and default_id; bad inputs.
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
 import fused_embedding.tf as fused_tf  # noqa: E402
+from fused_embedding import tf_bags, tf_compiled  # noqa: E402
 from fused_embedding.reference import embedding_bag_reference  # noqa: E402
 from fused_embedding.tf import embedding_lookup_sparse, safe_embedding_lookup_sparse  # noqa: E402
 from fused_embedding.validation import assert_close, assert_close_to_framework  # noqa: E402
 
 VOCAB, DIM = 300, 24
 COMBINERS = ["mean", "sum", "sqrtn"]
-MODES = ["eager", "tf.function", "export-twin"]
+# tf.function: the compiled kernel (FusedEmbeddingBag) where it builds, else numpy_function;
+# tf.function+numpy_function: the numpy_function body, whatever is built.
+MODES = ["eager", "tf.function", "tf.function+numpy_function", "export-twin"]
 
 
 def random_bags(rng, batch=9, max_length=7, empty_rows=False, id_dtype=np.int64):
@@ -45,6 +50,9 @@ def run(mode, fn, *args):
         return fn(*args)
     if mode == "tf.function":
         return tf.function(fn)(*args)
+    if mode == "tf.function+numpy_function":
+        with mock.patch.object(tf_bags, "_uses_compiled_kernel", lambda table: False):
+            return tf.function(fn)(*args)
     with fused_tf.native_ops():
         return tf.function(fn)(*args)
 
@@ -176,3 +184,41 @@ def test_several_tables_or_max_norm_run_tfs_own_op(rng):
     np.testing.assert_allclose(np.asarray(embedding_lookup_sparse(tf.constant(table), ids, max_norm=0.5)),
                                np.asarray(tf.nn.embedding_lookup_sparse(tf.constant(table), ids, None, max_norm=0.5)),
                                rtol=1e-6)
+
+
+def graph_op_types(fn, *args):
+    return {op.type for op in tf.function(fn).get_concrete_function(*args).graph.get_operations()}
+
+
+@pytest.mark.skipif("tf_compiled.op_module() is None",
+                    reason="the compiled TF kernel can't be built here (no compiler or TF headers)")
+@pytest.mark.parametrize("kind", ["ragged", "sparse"])
+@pytest.mark.parametrize("safe", [False, True], ids=["lookup", "safe-lookup"])
+def test_graph_runs_the_compiled_kernel_on_every_element(rng, kind, safe):
+    """In tf.function on the host the bags run as FusedEmbeddingBag, no Python op, and it
+    writes every element of its (poisoned) output: weighted, with ids < 0 and weights <= 0
+    for the safe lookup to prune."""
+    table, lengths, values, weights = random_bags(rng, batch=40, max_length=9, empty_rows=True)
+    if safe:
+        values[::7] = -1
+        weights[::5] = 0.0
+    ids, sp_weights = as_kind(kind, lengths, values), as_kind(kind, lengths, weights)
+    lookup = safe_embedding_lookup_sparse if safe else embedding_lookup_sparse
+    fn = lambda t, i, w: lookup(t, i, w, combiner="mean")  # noqa: E731
+    types = graph_op_types(fn, tf.constant(table), ids, sp_weights)
+    assert "FusedEmbeddingBag" in types and not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}, types
+    tf_compiled.poison_outputs(float("nan"))  # an element the kernel skips stays NaN
+    try:
+        out = tf.function(fn)(tf.constant(table), ids, sp_weights).numpy()
+    finally:
+        tf_compiled.poison_outputs(None)
+    assert not np.isnan(out).any()
+    expected = tf.nn.safe_embedding_lookup_sparse(tf.constant(table), ids.to_sparse() if kind == "ragged" else ids,
+                                                  sp_weights.to_sparse() if kind == "ragged" else sp_weights,
+                                                  combiner="mean") if safe else None
+    if expected is not None:
+        assert_close(out, expected.numpy(), np.float32)
+    else:
+        keep = np.ones(values.shape[0], bool)
+        assert_close(out, embedding_bag_reference(table, values, offsets_of(lengths), weights, "mean"), np.float32)
+        assert keep.all()

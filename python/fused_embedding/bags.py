@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backends, launch
 from .api import MEMORY_CHECK_MIN_BYTES, choose_backend
-from .backends import BAG_OUT_OF_RANGE_MESSAGE, bag_out_of_range_error, device_of  # noqa: F401 (tf_bags' message)
+from .backends import bag_out_of_range_error, device_of
 from .checks import check_table_shape, table_dtype_error
 from .memory import output_too_large_error
 from .quantized import QuantizedTable
@@ -181,10 +181,7 @@ def _launch_cpu(table, values, offsets, weights, combiner, out, n_chunks):
     row_bytes = table.shape[1] * table.dtype.itemsize
     serial = launch.cpu_runs_serial(total, row_bytes) or cpu_backend.runs_serial_only()
     if n_chunks is None:
-        # Chunks outnumber the threads a few times (launch.CPU_CHUNKS_PER_THREAD), each at
-        # least one step of the merge path; one chunk on the calling thread (no fix-up).
-        threads = numba.config.NUMBA_NUM_THREADS
-        n_chunks = 1 if serial else max(1, min(total + batch, threads * launch.CPU_CHUNKS_PER_THREAD))
+        n_chunks = launch.cpu_bag_chunks(total, batch, numba.config.NUMBA_NUM_THREADS, serial)
     args = (cpu_backend._bits(table), values, offsets, _NO_WEIGHTS if weights is None else weights,
             weights is not None, combiner.kernel_code, table_format(table.dtype), int(n_chunks),
             launch.cpu_rows_ahead(row_bytes), cpu_backend._bits(out))

@@ -87,6 +87,18 @@ LAUNCHER = Function("Launcher", "int64", (
     ("mask_zero", "int64"), ("team_size", "int64"), ("serial_only", "int64"), ("out", "void*"),
 ), callback=True)
 
+# backends/cpu_bags_cfunc.py's launch_bags: CSR bags, values [total] (4- or 8-byte ints) with
+# offsets [batch + 1] int64 (validated: 0, non-decreasing, total) and, when weighted, float32
+# weights [total] (else any valid address), pooled by spec.Pooling.kernel_code into out
+# [batch][D], the table [V][D] in ``format``. Returns the first position in values of an id
+# outside [0, V), or total.
+BAG_LAUNCHER = Function("BagLauncher", "int64", (
+    ("table", "const void*"), ("vocab", "int64"), ("dim", "int64"), ("format", "int64"),
+    ("values", "const void*"), ("id_bytes", "int64"), ("total", "int64"), ("offsets", "const void*"),
+    ("batch", "int64"), ("weights", "const void*"), ("weighted", "int64"), ("pooling", "int64"),
+    ("team_size", "int64"), ("serial_only", "int64"), ("out", "void*"),
+), callback=True)
+
 # tf_compiled.py's _output_too_large: whether a (rows, cols) output of that TF DataType fits
 # the host's memory: 0 when it does, else the length of the MemoryError message written
 # NUL-terminated into message (capacity bytes).
@@ -94,7 +106,7 @@ OUTPUT_CHECK = Function("OutputCheck", "int64", (
     ("rows", "int64"), ("cols", "int64"), ("dtype", "int64"), ("message", "char*"), ("capacity", "int64"),
 ), callback=True)
 
-CALLBACKS = {f.name: f for f in (LAUNCHER, OUTPUT_CHECK)}
+CALLBACKS = {f.name: f for f in (LAUNCHER, BAG_LAUNCHER, OUTPUT_CHECK)}
 
 # Exported by tf_host_op.cc. configure: once, after loading, before any op is built; formats
 # are count pairs (DataType enum, kernel format code); output_check is asked about every
@@ -104,12 +116,19 @@ CONFIGURE = Function("fused_embedding_configure", "int", (
     ("count", "int"), ("dtypes", "const int*"), ("formats", "const int*"),
     ("output_check", "OutputCheck"), ("check_min_bytes", "int64"),
 ))
+# Exported by tf_host_op.cc: the bags op's launcher and its messages, once after configure:
+# a bad id (with {id}, {position}, {bag} and {vocab}), sparse ids out of row order, and an
+# id in a row outside the dense shape (with {row}, {position} and {batch}).
+CONFIGURE_BAGS = Function("fused_embedding_configure_bags", "int", (
+    ("launcher", "BagLauncher"), ("bad_id_message", "const char*"), ("order_message", "const char*"),
+    ("row_message", "const char*"),
+))
 # 1: the launcher runs on the calling thread (a process forked after GNU OpenMP ran).
 SET_SERIAL_ONLY = Function("fused_embedding_set_serial_only", "void", (("serial_only", "int64"),))
 # Tests: fill every output with value before the kernel writes it, so a skipped element shows.
 POISON_OUTPUTS = Function("fused_embedding_poison_outputs", "void", (("enabled", "int"), ("value", "float")))
 
-EXPORTED = (CONFIGURE, SET_SERIAL_ONLY, POISON_OUTPUTS)
+EXPORTED = (CONFIGURE, CONFIGURE_BAGS, SET_SERIAL_ONLY, POISON_OUTPUTS)
 
 
 def header_text() -> str:

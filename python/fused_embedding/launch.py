@@ -38,6 +38,15 @@ def cpu_runs_serial(rows: int, row_bytes: int) -> bool:
     return rows * lines_per_row * CACHE_LINE_BYTES <= CPU_SERIAL_MAX_BYTES
 
 
+def cpu_bag_chunks(ids: int, batch: int, threads: int, serial: bool) -> int:
+    """How many merge-path chunks the CPU bags kernel splits ``ids`` ids in ``batch`` bags
+    into: a few per thread (CPU_CHUNKS_PER_THREAD), each at least one step of the merge
+    path; one (on the calling thread, no fix-up) when the call runs serial."""
+    if serial:
+        return 1
+    return max(1, min(ids + batch, threads * CPU_CHUNKS_PER_THREAD))
+
+
 def cpu_bags_per_chunk(batch: int, threads: int) -> int:
     """Bags handled by one parallel iteration of a CPU kernel (>= 1)."""
     chunks = max(1, threads * CPU_CHUNKS_PER_THREAD)

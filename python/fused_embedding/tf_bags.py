@@ -33,7 +33,8 @@ import tensorflow as tf
 
 from . import checks as checks_module
 from . import tf as fused_tf
-from .bags import BAG_OUT_OF_RANGE_MESSAGE
+from . import tf_compiled
+from .backends import BAG_OUT_OF_RANGE_MESSAGE, CANONICAL_ORDER_MESSAGE, ROW_OUTSIDE_MESSAGE
 from .spec import Pooling
 
 log = logging.getLogger("fused_embedding")
@@ -96,9 +97,6 @@ def _csr(sp_ids, sp_weights, offsets_needed=True):
     return values, offsets, weights, checks
 
 
-CANONICAL_ORDER_MESSAGE = "sp_ids must be in canonical row-major order (tf.sparse.reorder makes it so)"
-ROW_OUTSIDE_MESSAGE = ("sp_ids has an id in row {row} (values[{position}]), outside its dense_shape's "
-                       "{batch} rows")
 
 
 class _Bags:
@@ -234,6 +232,26 @@ def _gradients(table, values, offsets, weights, pooling: Pooling, upstream):
     return table_grad, weight_grad
 
 
+def _uses_compiled_kernel(table) -> bool:
+    """True when the graph op runs on the host and the compiled kernel (tf_compiled.py) is
+    there: then ``FusedEmbeddingBag`` runs, with no Python per call."""
+    return fused_tf._runs_on_host(table) and tf_compiled.op_module() is not None
+
+
+def _compiled_bag(table, bags: _Bags, bag_inputs, weight_value, pooling: Pooling):
+    """The compiled kernel on the bags as _Bags hands them over (the same pruning, row
+    checks and messages as the numpy_function body)."""
+    if bags.form == "sparse":
+        indices, values, batch = bag_inputs
+    else:
+        (values, indices), batch = bag_inputs, tf.zeros([], tf.int64)  # ragged: row_splits
+    weighted = bool(weight_value)
+    weights = weight_value[0] if weighted else tf.zeros([0], tf.float32)
+    return tf_compiled.embedding_bag(table, values, indices, tf.cast(batch, tf.int64), weights,
+                                     pooling.kernel_code, weighted, bags.form == "sparse",
+                                     bags.prune_ids, bags.prune_weights)
+
+
 def _fused_bag(table, bags: _Bags, pooling: Pooling):
     """(B, D) of the table's dtype: the core op eagerly, numpy_function in a graph, the native
     twin when traced for export; gradients for the table and the weights (through
@@ -264,6 +282,8 @@ def _fused_bag(table, bags: _Bags, pooling: Pooling):
             except ValueError as exc:
                 raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
             out = tf.convert_to_tensor(result, dtype=table_value.dtype)
+        elif _uses_compiled_kernel(table_value):
+            out = _compiled_bag(table_value, bags, bag_inputs, weight_value, pooling)
         else:
             out = tf.numpy_function(body, inputs, table_value.dtype, stateful=False)
         out.set_shape([None, dim])

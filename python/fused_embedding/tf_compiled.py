@@ -1,7 +1,7 @@
 """The TF op's compiled CPU kernel: ``tf_host_op.cc``, built on first use, cached on disk.
 
-On the host the op's axis-1 path runs as its own compiled TF op (``FusedEmbeddingMean``)
-instead of a Python-function op, so a call costs what TF's own ops cost to
+On the host the op's axis-1 path runs as its own compiled TF op (``FusedEmbeddingMean``),
+and the sparse lookups' bags as ``FusedEmbeddingBag``, instead of a Python-function op, so a call costs what TF's own ops cost to
 dispatch, not a round trip into Python (benchmarks/NOTES.md). The library is
 compiled once with the C++ compiler (``$CXX``, else ``c++``) against the installed
 TF's headers, into ``cache_dir()``: ``$FUSED_EMBEDDING_CACHE_DIR``, else
@@ -199,6 +199,16 @@ def _configure(library: ctypes.CDLL, launcher_address: int | None = None) -> Non
     if status != 0:
         raise RuntimeError(f"the library refused the table dtypes' TF enum values {dtypes}: it "
                            "takes values from 0 to 31 (kDataTypes in tf_host_op.cc)")
+    _configure_bags(library)
+
+
+def _configure_bags(library: ctypes.CDLL) -> None:
+    """Hand the library the cpu backend's bags launcher and the bags op's messages (the
+    core op's bad-id message; the sparse drop-ins' row-order and row-range ones)."""
+    from .backends import BAG_OUT_OF_RANGE_MESSAGE, CANONICAL_ORDER_MESSAGE, ROW_OUTSIDE_MESSAGE, cpu_bags_cfunc
+    configure_bags = c_interface.CONFIGURE_BAGS.bind(library)
+    configure_bags(cpu_bags_cfunc.launch_bags.address, BAG_OUT_OF_RANGE_MESSAGE.encode(),
+                   CANONICAL_ORDER_MESSAGE.encode(), ROW_OUTSIDE_MESSAGE.encode())
 
 
 def _load():
@@ -223,6 +233,9 @@ def _load():
     return module, library
 
 
+# Not converted by AutoGraph when first called while a tf.function traces: its converted
+# copy mishandles the ``global`` assignment of the pair below and left ``_library`` None.
+@tf.autograph.experimental.do_not_convert
 def op_module():
     """The loaded library's op module (``.fused_embedding_mean``), or None where it can't be used."""
     global _module, _library, _reason, _tried
@@ -250,6 +263,17 @@ def unavailable_reason() -> str | None:
     """None when the compiled kernel is in use, else why not (tries to load it first)."""
     op_module()
     return _reason
+
+
+def embedding_bag(table, values, segments, batch, weights, pooling_code: int, weighted: bool, sparse: bool,
+                  prune_ids: bool, prune_weights: bool) -> tf.Tensor:
+    """(B, D) CSR bags through the compiled kernel (``FusedEmbeddingBag``); ``op_module()``
+    must have returned a module. ``segments``: row_splits [B + 1] (ragged) or a
+    SparseTensor's indices [N][2] (``sparse``, then ``batch`` is B); ``weights`` [N]
+    float32, or an empty float32 tensor when not ``weighted``."""
+    return _module.fused_embedding_bag(table, values, segments, batch, weights, pooling=pooling_code,
+                                       weighted=weighted, sparse=sparse, prune_ids=prune_ids,
+                                       prune_weights=prune_weights)
 
 
 def embedding_mean_sequence(table: tf.Tensor, ids: tf.Tensor, mask_zero: bool) -> tf.Tensor:

@@ -1,5 +1,6 @@
-// The TF op's compiled CPU kernel: FusedEmbeddingMean, mean over the sequence axis,
-// table (V, D) + ids (B, L) -> (B, D).
+// The TF op's compiled CPU kernels: FusedEmbeddingMean, mean over the sequence axis,
+// table (V, D) + ids (B, L) -> (B, D); FusedEmbeddingBag, CSR bags -> (B, D) for the
+// sparse lookups (tf_bags.py).
 //
 // A Python-function op pays TF's round trip into Python on every call (0.2-0.5 ms,
 // benchmarks/NOTES.md); this kernel runs inside TF's executor like its own ops, on
@@ -14,8 +15,11 @@
 // fused_embedding/tf_compiled.py on first use against the installed TF's headers.
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -49,6 +53,10 @@ std::atomic<bool> g_poison_outputs{false};  // tests: fill each output before th
 std::atomic<float> g_poison_value{0.0f};
 std::mutex g_message_mutex;
 std::string g_bad_id_message;  // with {id}, {row}, {col} and {vocab} to fill in
+std::atomic<BagLauncher> g_bag_launcher{nullptr};
+std::string g_bag_bad_id_message;  // with {id}, {position}, {bag} and {vocab}
+std::string g_order_message;       // sparse ids out of row order
+std::string g_row_message;         // with {row}, {position} and {batch}
 
 void Replace(std::string& text, const std::string& field, const std::string& value) {
   for (size_t at = text.find(field); at != std::string::npos; at = text.find(field, at + value.size())) {
@@ -56,18 +64,41 @@ void Replace(std::string& text, const std::string& field, const std::string& val
   }
 }
 
-std::string BadIdMessage(int64_t id, int64_t row, int64_t col, int64_t vocab) {
+// A configured message with its {field}s filled in.
+std::string Message(const std::string& configured,
+                    std::initializer_list<std::pair<const char*, int64_t>> fields) {
   std::string text;
   {
     std::lock_guard<std::mutex> lock(g_message_mutex);
-    text = g_bad_id_message;
+    text = configured;
   }
-  Replace(text, "{id}", std::to_string(id));
-  Replace(text, "{row}", std::to_string(row));
-  Replace(text, "{col}", std::to_string(col));
-  Replace(text, "{vocab}", std::to_string(vocab));
+  for (const auto& field : fields) Replace(text, field.first, std::to_string(field.second));
   return text;
 }
+
+std::string BadIdMessage(int64_t id, int64_t row, int64_t col, int64_t vocab) {
+  return Message(g_bad_id_message, {{"{id}", id}, {"{row}", row}, {"{col}", col}, {"{vocab}", vocab}});
+}
+
+// Outputs of check_min_bytes or more are asked about before they are allocated: past a
+// container's memory limit the allocation succeeds and the OOM killer ends the process
+// while the kernel writes it; past the host's, TF fails with a message that doesn't say
+// which op or why.
+absl::Status CheckOutputFits(int64_t rows, int64_t cols, DataType dtype) {
+  int64_t out_bytes = 0;
+  if (__builtin_mul_overflow(rows, cols, &out_bytes) ||
+      __builtin_mul_overflow(out_bytes, int64_t{tensorflow::DataTypeSize(dtype)}, &out_bytes)) {
+    out_bytes = INT64_MAX;
+  }
+  const OutputCheck check = g_output_check.load();
+  if (check != nullptr && out_bytes >= g_check_min_bytes.load()) {
+    char message[kMessageCapacity] = {0};
+    if (check(rows, cols, dtype, message, kMessageCapacity) != 0) return absl::ResourceExhaustedError(message);
+  }
+  return absl::OkStatus();
+}
+
+int FormatOf(DataType dtype) { return dtype < kDataTypes ? g_formats[dtype].load() : -1; }
 
 void Poison(Tensor* out) {
   const float value = g_poison_value.load();
@@ -102,20 +133,7 @@ class FusedEmbeddingMeanOp : public OpKernel {
     OP_REQUIRES(context, dim >= 1,
                 absl::InvalidArgumentError("table must have at least one column (D >= 1), got shape " +
                                            table.shape().DebugString()));
-    // Before allocating: past a container's memory limit the allocation succeeds and the
-    // OOM killer ends the process while the kernel writes it; past the host's, TF fails
-    // with a message that doesn't say which op or why.
-    int64_t out_bytes = 0;
-    if (__builtin_mul_overflow(batch, dim, &out_bytes) ||
-        __builtin_mul_overflow(out_bytes, int64_t{tensorflow::DataTypeSize(table.dtype())}, &out_bytes)) {
-      out_bytes = INT64_MAX;
-    }
-    const OutputCheck check = g_output_check.load();
-    if (check != nullptr && out_bytes >= g_check_min_bytes.load()) {
-      char message[kMessageCapacity] = {0};
-      OP_REQUIRES(context, check(batch, dim, table.dtype(), message, kMessageCapacity) == 0,
-                  absl::ResourceExhaustedError(message));
-    }
+    OP_REQUIRES_OK(context, CheckOutputFits(batch, dim, table.dtype()));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, dim}), &out));
     if (out->NumElements() == 0) return;
@@ -123,7 +141,7 @@ class FusedEmbeddingMeanOp : public OpKernel {
     if (g_poison_outputs.load()) Poison(out);
 
     const Launcher launch = g_launcher.load();
-    const int format = table.dtype() < kDataTypes ? g_formats[table.dtype()].load() : -1;
+    const int format = FormatOf(table.dtype());
     OP_REQUIRES(context, launch != nullptr && format >= 0,
                 absl::FailedPreconditionError(
                     "FusedEmbeddingMean: fused_embedding has not registered its kernels in "
@@ -144,7 +162,196 @@ class FusedEmbeddingMeanOp : public OpKernel {
   bool mask_zero_ = false;
 };
 
+// FusedEmbeddingBag: CSR bags pooled by the cpu backend's bags launcher (table (V, D) ->
+// (B, D)), fed as tf_bags hands bags over: ragged (values [N], row_splits [B + 1]) or
+// sparse (values [N], the SparseTensor's indices [N][2] in row order, B). With prune_ids,
+// ids < 0 are dropped, with prune_weights weights <= 0 (the safe lookup's rules), before
+// the bags are made; positions in messages are then those of the kept ids, as the core
+// op's are on the pruned arrays.
+template <typename Id>
+void PruneAndCount(OpKernelContext* context, bool sparse, bool prune_ids, bool prune_weights,
+                   const Tensor& values, const Tensor& segments, int64_t batch, const float* weights,
+                   std::vector<Id>* kept_values, std::vector<float>* kept_weights,
+                   std::vector<int64_t>* offsets, bool* pruned) {
+  const int64_t total = values.dim_size(0);
+  const Id* ids = values.flat<Id>().data();
+  std::vector<char> keep;
+  *pruned = false;
+  if (prune_ids || (prune_weights && weights != nullptr)) {
+    keep.assign(total, 1);
+    for (int64_t p = 0; p < total; ++p) {
+      if ((prune_ids && ids[p] < 0) || (prune_weights && weights != nullptr && !(weights[p] > 0.0f))) {
+        keep[p] = 0;
+        *pruned = true;
+      }
+    }
+  }
+  if (*pruned) {
+    for (int64_t p = 0; p < total; ++p) {
+      if (!keep[p]) continue;
+      kept_values->push_back(ids[p]);
+      if (weights != nullptr) kept_weights->push_back(weights[p]);
+    }
+  }
+  offsets->assign(batch + 1, 0);
+  if (sparse) {  // each row's ids together, rows in order: count them, then a prefix sum
+    const auto indices = segments.matrix<int64_t>();
+    int64_t previous = 0, position = 0;
+    for (int64_t p = 0; p < total; ++p) {
+      if (*pruned && !keep[p]) continue;
+      const int64_t row = indices(p, 0);
+      if (row < 0 || row >= batch) {
+        context->SetStatus(absl::InvalidArgumentError(
+            Message(g_row_message, {{"{row}", row}, {"{position}", position}, {"{batch}", batch}})));
+        return;
+      }
+      if (row < previous) {
+        context->SetStatus(absl::InvalidArgumentError(Message(g_order_message, {})));
+        return;
+      }
+      previous = row;
+      ++(*offsets)[row + 1];
+      ++position;
+    }
+    for (int64_t b = 0; b < batch; ++b) (*offsets)[b + 1] += (*offsets)[b];
+    return;
+  }
+  const auto splits = segments.flat<int64_t>();  // a RaggedTensor's: 0, non-decreasing, N
+  if (!*pruned) {
+    for (int64_t b = 0; b <= batch; ++b) (*offsets)[b] = splits(b);
+    return;
+  }
+  int64_t kept = 0, p = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (; p < splits(b + 1); ++p) kept += keep[p];
+    (*offsets)[b + 1] = kept;
+  }
+}
+
+class FusedEmbeddingBagOp : public OpKernel {
+ public:
+  explicit FusedEmbeddingBagOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("pooling", &pooling_));
+    OP_REQUIRES_OK(context, context->GetAttr("weighted", &weighted_));
+    OP_REQUIRES_OK(context, context->GetAttr("sparse", &sparse_));
+    OP_REQUIRES_OK(context, context->GetAttr("prune_ids", &prune_ids_));
+    OP_REQUIRES_OK(context, context->GetAttr("prune_weights", &prune_weights_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& table = context->input(0);
+    const Tensor& values = context->input(1);
+    const Tensor& segments = context->input(2);
+    const Tensor& batch_tensor = context->input(3);
+    const Tensor& weights = context->input(4);
+    OP_REQUIRES(context, table.dims() == 2 && table.dim_size(1) >= 1,
+                absl::InvalidArgumentError("table must be 2-D (V, D) with D >= 1, got shape " +
+                                           table.shape().DebugString()));
+    OP_REQUIRES(context, values.dims() == 1,
+                absl::InvalidArgumentError("values must be 1-D, got shape " + values.shape().DebugString()));
+    const int64_t total = values.dim_size(0);
+    OP_REQUIRES(context, !weighted_ || (weights.dims() == 1 && weights.dim_size(0) == total),
+                absl::InvalidArgumentError("weights must have the shape of values " +
+                                           values.shape().DebugString() + ", got " +
+                                           weights.shape().DebugString()));
+    int64_t batch = 0;
+    if (sparse_) {
+      OP_REQUIRES(context, segments.dims() == 2 && segments.dim_size(0) == total && segments.dim_size(1) == 2 &&
+                               batch_tensor.NumElements() == 1,
+                  absl::InvalidArgumentError("sparse bags take indices [N][2] and a row count"));
+      batch = batch_tensor.flat<int64_t>()(0);
+    } else {
+      OP_REQUIRES(context, segments.dims() == 1 && segments.dim_size(0) >= 1,
+                  absl::InvalidArgumentError("row_splits must be 1-D with B + 1 >= 1 entries"));
+      batch = segments.dim_size(0) - 1;
+      const auto splits = segments.flat<int64_t>();
+      bool valid = splits(0) == 0 && splits(batch) == total;
+      for (int64_t b = 0; valid && b < batch; ++b) valid = splits(b) <= splits(b + 1);
+      OP_REQUIRES(context, valid,
+                  absl::InvalidArgumentError("row_splits must start at 0, never decrease and end at len(values)"));
+    }
+    OP_REQUIRES(context, batch >= 0, absl::InvalidArgumentError("a negative row count"));
+    const int64_t vocab = table.dim_size(0), dim = table.dim_size(1);
+    const float* weight_data = weighted_ ? weights.flat<float>().data() : nullptr;
+
+    std::vector<int64_t> offsets;
+    std::vector<int32_t> kept32;
+    std::vector<int64_t> kept64;
+    std::vector<float> kept_weights;
+    bool pruned = false;
+    const bool wide = values.dtype() == tensorflow::DT_INT64;
+    if (wide) {
+      PruneAndCount<int64_t>(context, sparse_, prune_ids_, prune_weights_, values, segments, batch, weight_data,
+                             &kept64, &kept_weights, &offsets, &pruned);
+    } else {
+      PruneAndCount<int32_t>(context, sparse_, prune_ids_, prune_weights_, values, segments, batch, weight_data,
+                             &kept32, &kept_weights, &offsets, &pruned);
+    }
+    if (!context->status().ok()) return;
+    const void* ids = pruned ? (wide ? static_cast<const void*>(kept64.data()) : kept32.data()) : values.data();
+    const int64_t kept_total = pruned ? (wide ? int64_t(kept64.size()) : int64_t(kept32.size())) : total;
+    static const float kNoWeight = 0.0f;  // any valid address, unread when unweighted
+    const void* kernel_weights = weighted_ ? (pruned ? static_cast<const void*>(kept_weights.data())
+                                                     : static_cast<const void*>(weight_data))
+                                           : &kNoWeight;
+    if (kernel_weights == nullptr) kernel_weights = &kNoWeight;  // an empty weights tensor
+
+    OP_REQUIRES_OK(context, CheckOutputFits(batch, dim, table.dtype()));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, dim}), &out));
+    if (out->NumElements() == 0) return;
+    if (g_poison_outputs.load()) Poison(out);
+
+    const BagLauncher launch = g_bag_launcher.load();
+    const int format = FormatOf(table.dtype());
+    OP_REQUIRES(context, launch != nullptr && format >= 0,
+                absl::FailedPreconditionError(
+                    "FusedEmbeddingBag: fused_embedding has not registered its kernels in this process "
+                    "(build the op through fused_embedding.tf.embedding_lookup_sparse)"));
+    const int64_t id_bytes = wide ? 8 : 4;
+    const int64_t first_bad = launch(table.data(), vocab, dim, format, ids, id_bytes, kept_total, offsets.data(),
+                                     batch, kernel_weights, weighted_, pooling_, g_team_size.load(),
+                                     g_serial_only.load(), out->data());
+    if (first_bad < kept_total) {
+      const int64_t id = wide ? static_cast<const int64_t*>(ids)[first_bad]
+                              : int64_t{static_cast<const int32_t*>(ids)[first_bad]};
+      // The bag with ids that holds it (not an empty one ending at the same offset).
+      int64_t bag = 0;
+      while (bag + 1 < batch && offsets[bag + 1] <= first_bad) ++bag;
+      context->SetStatus(absl::InvalidArgumentError(Message(
+          g_bag_bad_id_message, {{"{id}", id}, {"{position}", first_bad}, {"{bag}", bag}, {"{vocab}", vocab}})));
+    }
+  }
+
+ private:
+  int pooling_ = 0;
+  bool weighted_ = false, sparse_ = false, prune_ids_ = false, prune_weights_ = false;
+};
+
 }  // namespace
+
+REGISTER_OP("FusedEmbeddingBag")
+    .Input("table: T")
+    .Input("values: Tid")
+    .Input("segments: int64")
+    .Input("batch: int64")
+    .Input("weights: float")
+    .Output("out: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tid: {int32, int64}")
+    .Attr("pooling: int")
+    .Attr("weighted: bool = false")
+    .Attr("sparse: bool = false")
+    .Attr("prune_ids: bool = false")
+    .Attr("prune_weights: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle table;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &table));
+      c->set_output(0, c->Matrix(c->UnknownDim(), c->Dim(table, 1)));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("FusedEmbeddingBag").Device(tensorflow::DEVICE_CPU), FusedEmbeddingBagOp);
 
 REGISTER_OP("FusedEmbeddingMean")
     .Input("table: T")
@@ -185,6 +392,20 @@ int fused_embedding_configure(Launcher launcher, int64_t team_size, const char* 
   g_check_min_bytes.store(check_min_bytes);
   g_output_check.store(output_check);
   g_launcher.store(launcher);
+  return 0;
+}
+
+// Called once by tf_compiled.py after fused_embedding_configure: the bags op's launcher and
+// its messages (c_interface.CONFIGURE_BAGS says which fields each has).
+int fused_embedding_configure_bags(BagLauncher launcher, const char* bad_id_message, const char* order_message,
+                                   const char* row_message) {
+  {
+    std::lock_guard<std::mutex> lock(g_message_mutex);
+    g_bag_bad_id_message = bad_id_message;
+    g_order_message = order_message;
+    g_row_message = row_message;
+  }
+  g_bag_launcher.store(launcher);
   return 0;
 }
 

@@ -148,6 +148,12 @@ BAG_OUT_OF_RANGE_MESSAGE = ("id {id} at values[{position}] (bag {bag}) is out of
                             "of {vocab} rows (expected 0 <= id < {vocab})")
 
 
+# The sparse drop-ins' (tf_bags), from their Python body and the compiled kernel alike.
+CANONICAL_ORDER_MESSAGE = "sp_ids must be in canonical row-major order (tf.sparse.reorder makes it so)"
+ROW_OUTSIDE_MESSAGE = ("sp_ids has an id in row {row} (values[{position}]), outside its dense_shape's "
+                       "{batch} rows")
+
+
 def bag_out_of_range_error(values, offsets, position: int, vocab: int) -> IndexError:
     """The error for the id at ``values[position]`` (host arrays), naming it, its position,
     its bag and V."""

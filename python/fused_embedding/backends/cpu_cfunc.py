@@ -4,7 +4,7 @@ The TF op's compiled kernel (``tf_host_op.cc``) calls ``launch_sequence_mean`` t
 its address, with no Python and no GIL on the way: the same Numba kernels, chunking,
 prefetch distance and serial/parallel choice as ``backends/cpu.py``'s
 ``embedding_mean``, on raw buffers. Compiled when this module is first imported and
-cached on disk (loaded from there without refreshing Numba's target: ``_cached_cfunc``).
+cached on disk (loaded from there without refreshing Numba's target: ``cached_cfunc``).
 
 Two things are fixed when it compiles: the launch heuristics (``launch.py``), whose
 module constants Numba reads as constants (setting ``launch.CPU_SERIAL_MAX_BYTES``
@@ -70,10 +70,10 @@ def _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask_zero, 
     return _run(table, ids, out, fmt, mask_zero, team_size, serial_only)
 
 
-def _cached_cfunc(function):
-    """``numba.cfunc(SIGNATURE, cache=True)(function)``, loaded from the disk cache without
+def cached_cfunc(function, signature=SIGNATURE):
+    """``numba.cfunc(signature, cache=True)(function)``, loaded from the disk cache without
     refreshing Numba's target (``backends/cpu.py``: most of a first load's time)."""
-    compiled = CFunc(function, sigutils.normalize_signature(SIGNATURE), locals={}, options={})
+    compiled = CFunc(function, sigutils.normalize_signature(signature), locals={}, options={})
     compiled.enable_caching()
     load_cached_without_refresh(compiled)
     compiled.compile()
@@ -93,4 +93,4 @@ def launch_sequence_mean(table_address, vocab, dim, fmt, ids_address, id_bytes, 
     return _with_ids(table, out, fmt, ids_address, id_bytes, batch, length, mask, team_size, serial)
 
 
-launch_sequence_mean = _cached_cfunc(launch_sequence_mean)
+launch_sequence_mean = cached_cfunc(launch_sequence_mean)
