@@ -33,12 +33,12 @@ import numpy as np
 import tensorflow as tf
 
 try:
-    # The cpu backend imports Numba and prepares its runtime (0.3-0.6 s here), the largest
-    # one-off cost of the op's first call: paid where the op is imported (beside
-    # TensorFlow's seconds), before a model is built or loaded, not on its first request
-    # (benchmarks/NOTES.md). Its kernels still load at their first call.
+    # The cpu backend imports Numba and sets up its runtime (0.35-1.3 s here, by the
+    # machine's load), the largest one-off cost of the op's first call: paid where the op
+    # is imported (beside TensorFlow's seconds), before a model is built or loaded, not on
+    # its first request (benchmarks/NOTES.md). Its kernels still load at their first call.
     from .backends import cpu as _cpu_backend  # noqa: F401
-except ImportError:  # no numba: the cpu backend reports itself unavailable when asked
+except Exception:  # no (working) numba: the registry says why when the cpu backend is asked for
     pass
 
 from . import api, checks, row_mean_cache, tf_compiled

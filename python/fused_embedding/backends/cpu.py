@@ -113,7 +113,7 @@ class _CacheLoadingWithoutRefresh(FunctionCache):
     Numba's own ``load_overload`` first refreshes the whole CPU target: it imports and
     registers every typing and lowering registry (NumPy's linalg, random, typed
     containers, ...), which compiling needs and loading compiled code does not. On the
-    first load in a process that is 250-550 ms here, more than the rest of the first
+    first load in a process that is 250-770 ms here, more than the rest of the first
     call (benchmarks/NOTES.md). Loading needs Numba's runtime (NRT), initialised here.
     A signature the cache lacks compiles as before: Numba's compiler refreshes the
     target itself. Saving is Numba's own. Should a load fail without the refresh (machine
