@@ -11,7 +11,7 @@ from fused_embedding import quantized
 from fused_embedding.bags import _embedding_bag
 from fused_embedding.reference import dequantized_rows, embedding_bag_reference, embedding_mean_reference
 from fused_embedding.spec import TableFormat
-from fused_embedding.validation import FLOAT32_UNIT_ROUNDOFF, compare, exact_weights, poisoned, unwritten
+from fused_embedding.validation import FLOAT32_UNIT_ROUNDOFF, compare, exact_weights, poisoned, summation_bound, unwritten
 
 from conftest import ID_DTYPES
 
@@ -50,17 +50,7 @@ def bag_bound(qtable, values, offsets, weights, combiner):
     """
     w = np.ones(values.shape[0], np.float32) if weights is None else weights
     size = embedding_bag_reference(magnitude_table(qtable), values, offsets, np.abs(w), "sum")
-    lengths = np.diff(offsets)
-    bag_of = np.repeat(np.arange(lengths.shape[0]), lengths)
-    if combiner == "sum":
-        divisor = np.ones(lengths.shape[0])
-    else:
-        terms = w.astype(np.float64) if combiner == "mean" else w.astype(np.float64) ** 2
-        divisor = np.abs(np.bincount(bag_of, terms, minlength=lengths.shape[0]))
-        divisor = divisor if combiner == "mean" else np.sqrt(divisor)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(divisor[:, None] > 0,
-                        (lengths[:, None] + 4) * FLOAT32_UNIT_ROUNDOFF * size / divisor[:, None], 0.0)
+    return summation_bound(size, offsets, weights, combiner, extra_roundings=4)
 
 
 def dense_as_csr(ids, mask_zero):

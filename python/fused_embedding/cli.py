@@ -438,6 +438,12 @@ def run_bench(args, parser) -> int:
                    load_average=dict(start=load_at_start, end=_load_average()),
                    copy=copy, read=read, skipped=skipped, validation=validation, measurements=measurements)
     print(format_table(results))
+    return _write_and_exit_code(results, args, failed, measurements)
+
+
+def _write_and_exit_code(results, args, failed, measurements) -> int:
+    """Write the run's files, say where, and the exit status: 1 when a provider failed its
+    validation or a measurement failed, else 0."""
     write_outputs(results, Path(args.out), Path(args.results_md) if args.results_md else None)
     print(f"wrote {Path(args.out) / RESULTS_JSON}, {Path(args.out) / RESULTS_PNG}, "
           f"{Path(args.out) / RESULTS_MD}" + (f" and {args.results_md}" if args.results_md else "")
@@ -906,12 +912,7 @@ def run_bench_bags(args, parser) -> int:
                    copy=copy, read=read, skipped=skipped, validation=validation, measurements=measurements)
     results["targets"] = bag_targets(results)
     print(format_bag_table(results))
-    write_outputs(results, Path(args.out), Path(args.results_md) if args.results_md else None)
-    print(f"wrote {Path(args.out) / RESULTS_JSON}, {Path(args.out) / RESULTS_PNG}, "
-          f"{Path(args.out) / RESULTS_MD}" + (f" and {args.results_md}" if args.results_md else "")
-          + f" in {results['duration_s']:.0f} s", file=sys.stderr)
-    broken = [m for m in measurements if m["status"] == "failed"]
-    return 1 if failed or broken else 0
+    return _write_and_exit_code(results, args, failed, measurements)
 
 
 def _measure_bag_case(P, providers, case, table, permutation, cache, rng, repeats, case_seconds, failed,

@@ -91,17 +91,24 @@ def bag_error_bound(table, values, offsets, weights, combiner) -> np.ndarray:
     w = np.ones(values.shape[0], np.float32) if weights is None else weights
     magnitude = embedding_bag_reference(np.abs(np.asarray(table, np.float64)), values, offsets,
                                         np.abs(w), "sum")
+    return summation_bound(magnitude, offsets, weights, combiner, extra_roundings=2)
+
+
+def summation_bound(magnitude, offsets, weights, combiner, extra_roundings: int) -> np.ndarray:
+    """(B, D): (n + extra_roundings) u ``magnitude`` / |denominator| per bag of n ids, 0 where
+    the denominator is 0; ``magnitude`` (B, D) the bag's sum of |terms|, the denominator
+    the combiner's (1, sum of w, or sqrt of the sum of w^2; w = 1 unweighted)."""
     lengths = np.diff(offsets)
-    bag_of = np.repeat(np.arange(lengths.shape[0]), lengths)
     if combiner == "sum":
         divisor = np.ones(lengths.shape[0])
     else:
-        terms = w.astype(np.float64) if combiner == "mean" else w.astype(np.float64) ** 2
-        divisor = np.abs(np.bincount(bag_of, terms, minlength=lengths.shape[0]))
+        w = np.ones(int(offsets[-1])) if weights is None else np.asarray(weights, np.float64)
+        bag_of = np.repeat(np.arange(lengths.shape[0]), lengths)
+        divisor = np.abs(np.bincount(bag_of, w if combiner == "mean" else w ** 2, minlength=lengths.shape[0]))
         divisor = divisor if combiner == "mean" else np.sqrt(divisor)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(divisor[:, None] > 0, (lengths[:, None] + 2) * FLOAT32_UNIT_ROUNDOFF * magnitude
-                        / divisor[:, None], 0.0)
+        return np.where(divisor[:, None] > 0, (lengths[:, None] + extra_roundings) * FLOAT32_UNIT_ROUNDOFF
+                        * magnitude / divisor[:, None], 0.0)
 
 
 def compare_bags(out, table, values, offsets, weights, combiner) -> str | None:
