@@ -277,24 +277,7 @@ def _gpu_array(array: np.ndarray):
         from numba import cuda
         device = cuda.to_device(bits)
     # Neither CuPy nor Numba has bfloat16: carry the bits, labelled as bfloat16.
-    return _Bfloat16OnDevice(device) if array.dtype == BFLOAT16 else device
-
-
-class _Bfloat16OnDevice:
-    """uint16 bits on the GPU that present themselves as a (V, D) bfloat16 array.
-
-    ``dtype`` says bfloat16 (what the core checks); ``__cuda_array_interface__`` is
-    the bits' own, which the GPU backends view as uint16 words anyway.
-    """
-
-    def __init__(self, bits):
-        self.bits = bits
-        self.shape, self.ndim = tuple(bits.shape), bits.ndim
-        self.dtype = BFLOAT16
-
-    @property
-    def __cuda_array_interface__(self):
-        return self.bits.__cuda_array_interface__
+    return backends.Bfloat16OnDevice(device) if array.dtype == BFLOAT16 else device
 
 
 def _gpu_to_numpy(result, dtype) -> np.ndarray:

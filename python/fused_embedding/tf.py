@@ -42,9 +42,9 @@ except Exception:  # no (working) numba: the registry says why when the cpu back
     pass
 
 from . import api, checks, row_mean_cache, tf_compiled
-from .backends import OUT_OF_RANGE_MESSAGE
+from .backends import OUT_OF_RANGE_MESSAGE, Bfloat16OnDevice
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
-from .semantics import BFLOAT16, EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
+from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
 
 TABLE_DTYPES = tuple(tf.as_dtype(name) for name in checks.TABLE_DTYPE_NAMES)  # float32, float16, bfloat16
 ID_DTYPES = tuple(tf.as_dtype(name) for name in checks.ID_DTYPE_NAMES)
@@ -231,22 +231,6 @@ def _run_core(table, ids, axis, mask_zero, backend, site=row_mean_cache.ANONYMOU
         raise _BadIdError(str(exc)) from exc
 
 
-class _Bfloat16Bits:
-    """uint16 bits on the GPU labelled as a bfloat16 array (CuPy has no bfloat16).
-
-    ``dtype`` is what the core checks; the CUDA array interface is the bits',
-    which the GPU backends read as uint16 words anyway.
-    """
-
-    def __init__(self, bits):
-        self.bits = bits
-        self.shape, self.ndim, self.dtype = tuple(bits.shape), bits.ndim, BFLOAT16
-
-    @property
-    def __cuda_array_interface__(self):
-        return self.bits.__cuda_array_interface__
-
-
 def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
     """GPU tensors through DLPack both ways; ids may be a host tensor (TF keeps int32 there).
 
@@ -260,7 +244,7 @@ def _run_core_on_gpu(table, ids, axis, mask_zero, backend):
     tf.test.experimental.sync_devices()
     # tf.bitcast aliases the buffer: bfloat16 crosses DLPack as its uint16 bits.
     table_bits = cupy.from_dlpack(dlpack.to_dlpack(tf.bitcast(table, tf.uint16) if is_bfloat16 else table))
-    table_device = _Bfloat16Bits(table_bits) if is_bfloat16 else table_bits
+    table_device = Bfloat16OnDevice(table_bits) if is_bfloat16 else table_bits
     ids_array = cupy.from_dlpack(dlpack.to_dlpack(ids)) if _is_gpu_tensor(ids) else np.asarray(ids)
     out = api.embedding_mean(table_device, ids_array, axis=int(axis), mask_zero=mask_zero,
                              backend=backend)

@@ -134,6 +134,21 @@ def device_of(array) -> str:
     return "cpu"
 
 
+class Bfloat16OnDevice:
+    """uint16 bits on a GPU (a CuPy or Numba array) presented as a bfloat16 array: CuPy has
+    no bfloat16. ``dtype`` says bfloat16 (what the core checks); ``__cuda_array_interface__``
+    is the bits' own, which the GPU backends read as uint16 words anyway; ``bits`` the array."""
+
+    def __init__(self, bits):
+        from ..semantics import BFLOAT16
+        self.bits = bits
+        self.shape, self.ndim, self.dtype = tuple(bits.shape), bits.ndim, BFLOAT16
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.bits.__cuda_array_interface__
+
+
 # Also filled in by the TF op's compiled kernel (tf_host_op.cc), which gets it at load.
 OUT_OF_RANGE_MESSAGE = ("id {id} at ids[{row}, {col}] is out of range for a table of {vocab} rows "
                         "(expected 0 <= id < {vocab})")
