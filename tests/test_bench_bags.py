@@ -6,22 +6,13 @@ import pytest
 
 from fused_embedding import bytes_model, cli
 from fused_embedding import providers as P
+from test_cli import PNG_SIGNATURE, run_main
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BAG_KEYS = {"kind", "device", "provider", "batch", "mean_length", "max_length", "dim", "vocab", "ids",
             "dtype", "combiner", "weighted", "id_sets", "status", "note"}
 BAG_TIMED_KEYS = {"times_ms", "median_ms", "p20_ms", "p80_ms", "values", "bytes", "gb_per_s", "pct_of_copy",
                   "pct_of_read", "case_read_gb_per_s", "baseline", "speedup", "target"}
 TINY = ["bench", "--bags", "--sizes", "16,4,8,300", "--repeats", "5", "--no-progress", "--seed", "11"]
-
-
-def run_main(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- the workload --------------------------------------------------------------

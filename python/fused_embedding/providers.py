@@ -396,16 +396,6 @@ def _tf_op_provider() -> Provider:
     """The package's TF op end to end inside tf.function (on the host, its compiled kernel
     for axis 1 and its numpy_function body for axis 2)."""
 
-    def probe():
-        reason = _tf_probe()
-        if reason:
-            return reason
-        try:
-            importlib.import_module("fused_embedding.tf")
-        except ImportError as exc:
-            return f"fused_embedding.tf is not importable yet ({exc})"
-        return None
-
     def prepare(inputs: Inputs):
         fe_tf = importlib.import_module("fused_embedding.tf")
         axis = int(inputs.axis)
@@ -420,7 +410,7 @@ def _tf_op_provider() -> Provider:
     return Provider(
         name="tf-op", device="cpu", exact=True,
         description="fused_embedding.tf.embedding_mean inside tf.function",
-        probe=probe, supports=_any_case, prepare=prepare)
+        probe=_fused_tf_probe, supports=_any_case, prepare=prepare)
 
 
 def _tf_unfused_provider(device: str) -> Provider:
@@ -903,7 +893,9 @@ def _fused_bag_provider(combiner: str, weighted: bool, baseline: str) -> BagProv
         probe=lambda: backends.unavailable_reason("cpu"), prepare=prepare, baseline=baseline, target=1.0)
 
 
-def _fused_tf_bags_probe() -> str | None:
+def _fused_tf_probe() -> str | None:
+    """Why the package's TF op can't run here (TensorFlow missing, or fused_embedding.tf
+    not importable), or None."""
     reason = _tf_probe()
     if reason:
         return reason
@@ -1001,12 +993,12 @@ def bag_providers() -> tuple[BagProvider, ...]:
                          "fused_embedding.tf.embedding_lookup_sparse(table, ragged ids) in tf.function",
                          lambda: _fused_tf_module().embedding_lookup_sparse, "ragged",
                          baseline="tf-lookup-sparse[ragged]", target=BAG_TF_TARGET,
-                         probe=_fused_tf_bags_probe, exact=True),
+                         probe=_fused_tf_probe, exact=True),
         _tf_bag_provider("tf-op-safe[sparse]",
                          "fused_embedding.tf.safe_embedding_lookup_sparse(table, sparse ids) in tf.function",
                          lambda: _fused_tf_module().safe_embedding_lookup_sparse, "sparse",
                          baseline="tf-safe-lookup-sparse[sparse]", target=BAG_TF_TARGET,
-                         probe=_fused_tf_bags_probe, exact=True),
+                         probe=_fused_tf_probe, exact=True),
         _tf_bag_provider("tf-lookup-sparse[ragged]",
                          'tf.nn.embedding_lookup_sparse(table, ragged ids, combiner="mean") in tf.function',
                          lambda: _tf().nn.embedding_lookup_sparse, "ragged"),
