@@ -160,7 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="fused-embedding",
         description="Fused embedding lookup + mean pooling: benchmark and validate on this machine.")
     parser.add_argument("--version", action="version", version=f"fused-embedding {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{bench,validate,build}")
+    commands = parser.add_subparsers(dest="command", metavar="{bench,validate,build,convert}")
     commands.required = True
 
     bench = commands.add_parser(
@@ -222,6 +222,18 @@ def make_parser() -> argparse.ArgumentParser:
                             "$NUMBA_CACHE_DIR or beside the kernels' sources, and "
                             "$FUSED_EMBEDDING_CACHE_DIR or the user's cache folder)")
     build.set_defaults(run=run_build, subparser=build)
+
+    convert = commands.add_parser(
+        "convert", help="rewrite a SavedModel's gather-then-mean subgraphs into the fused op",
+        description="Load the SavedModel in IN_DIR, replace each embedding gather followed by a mean "
+                    "(Keras Embedding -> GlobalAveragePooling1D, tf.reduce_mean(tf.gather(...)), "
+                    "tf.nn.embedding_lookup_sparse with combiner='mean') with the package's fused op, "
+                    "check on random ids that every signature's outputs equal the original's, and "
+                    "write OUT_DIR. Prints what was rewritten and what was left, and why.")
+    convert.add_argument("in_dir", metavar="IN_DIR", help="the SavedModel to convert")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="where to write the converted SavedModel")
+    convert.add_argument("--seed", type=int, help="seed for the random check inputs (default: fresh)")
+    convert.set_defaults(run=run_convert, subparser=convert)
     return parser
 
 
@@ -1329,6 +1341,11 @@ def run_build(args, parser) -> int:
         build.use_cache_dir(args.cache_dir)
     print(f"fused-embedding {__version__} build on {cpu_model()}", flush=True)
     return build.build(report=lambda line: print(line, flush=True))
+
+
+def run_convert(args, parser) -> int:
+    from .tf_convert import run_convert_command  # imports TensorFlow
+    return run_convert_command(args, parser)
 
 
 # ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ try:
 except Exception:  # no (working) numba: the registry says why when the cpu backend is asked for
     pass
 
-from . import api, checks, row_mean_cache, tf_compiled
+from . import api, checks, row_mean_cache, tf_compiled, tf_sharded
 from .backends import OUT_OF_RANGE_MESSAGE, Bfloat16OnDevice
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
@@ -360,6 +360,8 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     none for the integer ids.
     """
     axis = api.normalize_axis(axis)
+    if tf_sharded.is_sharded(table):
+        return tf_sharded.embedding_mean(table, ids, axis, mask_zero, backend, name)
     if backend is not None:  # where the body runs later, a wrong name would only show then
         api.check_backend_name(backend)
     # Axis 2's row-mean cache pins at most one buffer per source of tables (the variable

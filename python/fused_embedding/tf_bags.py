@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from . import checks as checks_module
 from . import tf as fused_tf
-from . import tf_compiled
+from . import tf_compiled, tf_sharded
 from .backends import BAG_OUT_OF_RANGE_MESSAGE, CANONICAL_ORDER_MESSAGE, ROW_OUTSIDE_MESSAGE
 from .spec import Pooling
 
@@ -323,6 +323,8 @@ def embedding_lookup_sparse(params, sp_ids, sp_weights=None, combiner="mean", ma
     """
     del allow_fast_lookup
     pooling = Pooling.of(combiner or "mean")
+    if tf_sharded.is_sharded(params) and max_norm is None:
+        return tf_sharded.embedding_lookup_sparse(params, sp_ids, sp_weights, combiner, name)
     if not _is_single_table(params) or max_norm is not None:
         log.debug("embedding_lookup_sparse: several tables or max_norm: TF's own op runs")
         return tf.nn.embedding_lookup_sparse(params, sp_ids, sp_weights, combiner=combiner,
@@ -343,6 +345,9 @@ def safe_embedding_lookup_sparse(embedding_weights, sparse_ids, sparse_weights=N
     """
     del allow_fast_lookup
     pooling = Pooling.of(combiner or "mean")
+    if tf_sharded.is_sharded(embedding_weights) and max_norm is None:
+        return tf_sharded.safe_embedding_lookup_sparse(embedding_weights, sparse_ids, sparse_weights,
+                                                       combiner, default_id, name)
     if not _is_single_table(embedding_weights) or max_norm is not None:
         log.debug("safe_embedding_lookup_sparse: several tables or max_norm: TF's own op runs")
         return tf.nn.safe_embedding_lookup_sparse(embedding_weights, sparse_ids, sparse_weights,
