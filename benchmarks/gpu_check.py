@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 import traceback
@@ -62,16 +61,8 @@ TIMED_CONFIGS = [
 # (1 GiB at the main shape), far past any L2; rotating the sets also keeps a
 # call from finding the previous call's ids and last rows in cache.
 ID_SETS = 4
-WARMUP = 3
-# Each sample times CALLS_PER_SAMPLE calls back to back between two events, so
-# Python's launch overhead overlaps the previous call's work (as it does in a
-# model) instead of adding idle GPU time to every sample.
-CALLS_PER_SAMPLE = 5
-MAX_SAMPLES = 20
-SECONDS_PER_MEASUREMENT = 2.5
 TIMING_BUDGET_S = 120
 VALIDATION_BUDGET_S_PER_BACKEND = 50
-COPY_BYTES = 1 << 30
 
 TARGETS = {
     "copy": 0.80, "torch": 1.2, "unfused": 2.5, "fp16": 1.7, "cupy": 1.25, "narrow_wide": 0.60,
@@ -380,7 +371,7 @@ def run_validation(report, names, simulate):
             try:
                 table, _ = random_inputs(rng, 20, 8, 1, 1)
                 ids = np.zeros(ids_shape, np.int64)
-                result = np.asarray(to_host(fe.embedding_mean(table, ids, axis=axis, backend=name)))
+                result = to_host(fe.embedding_mean(table, ids, axis=axis, backend=name), table.dtype)
                 shape = output_shape(Axis(axis), ids_shape[0], ids_shape[1], 8)
                 ok = result.shape == shape and not np.any(result)
                 report.case(name, label, ok, "" if ok else f"got shape {result.shape}: {result!r}")
@@ -490,13 +481,10 @@ def check_deferred_bounds(report, name, rng):
         report.case(name, label, False, f"{type(exc).__name__}: {exc}")
 
 
-def to_host(array):
-    import numpy as np
-    if hasattr(array, "copy_to_host"):
-        return array.copy_to_host()
-    if hasattr(array, "get"):
-        return array.get()
-    return np.asarray(array)
+def to_host(array, dtype):
+    """A backend's GPU result on the host as ``dtype`` (bfloat16 from its bits): the bench's own transfer."""
+    from fused_embedding.providers import to_numpy
+    return to_numpy(array, dtype)
 
 
 def run_device_validation(report, name, module, rng):
@@ -529,7 +517,7 @@ def run_device_validation(report, name, module, rng):
                 out_shape = (300, dim) if axis == 1 else (300, 20)
                 d_out = to_device(poisoned(out_shape, dtype))
                 module.embedding_mean(d_table, d_ids, Axis(axis), False, out=d_out)
-                result = to_host(d_out)
+                result = to_host(d_out, dtype)
                 problem = check_result(result, table, ids, axis, False, dtype)
                 report.case(name, f"{label} axis={axis}", problem is None, problem or "")
             except Exception as exc:
@@ -537,74 +525,6 @@ def run_device_validation(report, name, module, rng):
 
 
 # --- timing ----------------------------------------------------------------------------
-class DeviceTable:
-    """A GPU buffer seen as a (V, D) table of a NumPy dtype (bfloat16 included), via the CUDA array interface."""
-
-    def __init__(self, pointer, shape, dtype, owner):
-        import numpy as np
-        self.shape, self.dtype, self.owner, self.ndim = tuple(shape), np.dtype(dtype), owner, len(shape)
-        bits = np.dtype(np.uint16) if self.dtype.kind not in "fiu" else self.dtype
-        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": bits.str, "data": (pointer, False),
-                                         "strides": None, "version": 3}
-
-
-class Timer:
-    """CUDA events on the legacy default stream, which numba, CuPy and PyTorch all launch on here.
-
-    Events come from the first of numba-cuda, CuPy, PyTorch that works.
-    """
-
-    def __init__(self, torch, cupy):
-        self.name = None
-        for name, make in (("numba-cuda", self._numba), ("cupy", lambda: self._cupy(cupy)),
-                           ("torch", lambda: self._torch(torch))):
-            try:
-                make()
-                self.event()  # raises where the framework has no working GPU
-                self.name = name
-                return
-            except Exception:
-                continue
-
-    def _numba(self):
-        from numba import cuda
-        self.event = lambda: cuda.event(timing=True)
-        self.synchronize = cuda.synchronize
-        self.elapsed_ms = cuda.event_elapsed_time
-
-    def _cupy(self, cupy):
-        self.event = cupy.cuda.Event
-        self.synchronize = cupy.cuda.runtime.deviceSynchronize
-        self.elapsed_ms = cupy.cuda.get_elapsed_time
-
-    def _torch(self, torch):
-        self.event = lambda: torch.cuda.Event(enable_timing=True)
-        self.synchronize = torch.cuda.synchronize
-        self.elapsed_ms = lambda start, end: start.elapsed_time(end)
-
-    def measure(self, fn, budget_s=SECONDS_PER_MEASUREMENT):
-        """(median ms per call, calls timed): WARMUP calls, then up to MAX_SAMPLES samples
-        of CALLS_PER_SAMPLE calls fn(i) each."""
-        for i in range(WARMUP):
-            fn(i)
-        self.synchronize()
-        per_call = []
-        stop_at = time.monotonic() + budget_s
-        call = 0
-        for _ in range(MAX_SAMPLES):
-            start, end = self.event(), self.event()
-            start.record()
-            for _ in range(CALLS_PER_SAMPLE):
-                fn(call)
-                call += 1
-            end.record()
-            end.synchronize()
-            per_call.append(self.elapsed_ms(start, end) / CALLS_PER_SAMPLE)
-            if time.monotonic() > stop_at and len(per_call) >= 5:
-                break
-        return statistics.median(per_call), call
-
-
 def run_timings(report, deadline):
     """Times every provider on every TIMED_CONFIGS entry; returns the copy bandwidth (GB/s)."""
     cuda, _ = optional("numba.cuda")
@@ -617,7 +537,8 @@ def run_timings(report, deadline):
         report.note(f"torch missing ({torch_error}): torch baselines and bfloat16 tables skipped")
     if cupy is None:
         report.note(f"cupy missing ({cupy_error}): CuPy baselines skipped")
-    timer = Timer(torch, cupy)
+    from fused_embedding.gpu_timing import EventTimer
+    timer = EventTimer(torch, cupy)
     if timer.name is None:
         report.note("no framework here can record CUDA events (numba-cuda, CuPy, PyTorch): timings skipped")
         return float("nan")
@@ -670,10 +591,11 @@ def time_bags(report, timer, copy_gbs, torch):
     values = [torch.randint(0, V_TIMED, (n,), device="cuda") for _ in range(ID_SETS)]
     t_offsets = torch.from_numpy(offsets).cuda()
     per_sample = torch.rand(n, device="cuda")
-    table = DeviceTable(weight.data_ptr(), weight.shape, np.float32, weight)
-    d_values = [DeviceTable(v.data_ptr(), v.shape, np.int64, v) for v in values]
-    d_offsets = DeviceTable(t_offsets.data_ptr(), t_offsets.shape, np.int64, t_offsets)
-    d_weights = DeviceTable(per_sample.data_ptr(), per_sample.shape, np.float32, per_sample)
+    from fused_embedding.gpu_timing import DeviceTable
+    table = DeviceTable.of_torch(weight, np.float32)
+    d_values = [DeviceTable.of_torch(v, np.int64) for v in values]
+    d_offsets = DeviceTable.of_torch(t_offsets, np.int64)
+    d_weights = DeviceTable.of_torch(per_sample, np.float32)
     label = f"bags B={BAG_BATCH} mean L={BAG_MEAN_LENGTH}"
 
     def record(provider, fn, weighted=False):
@@ -788,30 +710,16 @@ def profile_host_time(report, table, id_sets, axis, calls=200, top=14):
 
 def measure_copy(report, timer, torch, cupy):
     """Bandwidth (GB/s, read + write) of a 1 GiB device-to-device copy: the roof for every number."""
-    import numpy as np
-
-    from fused_embedding import bytes_model
+    from fused_embedding.gpu_timing import device_copy
     try:
-        if timer.name == "numba-cuda":
-            from numba import cuda
-            source = cuda.device_array(COPY_BYTES // 4, np.float32)
-            target = cuda.device_array(COPY_BYTES // 4, np.float32)
-            ms, calls = timer.measure(lambda i: target.copy_to_device(source))
-        elif timer.name == "cupy":
-            source = cupy.zeros(COPY_BYTES // 4, cupy.float32)
-            target = cupy.empty_like(source)
-            ms, calls = timer.measure(lambda i: cupy.copyto(target, source))
-        else:
-            source = torch.zeros(COPY_BYTES // 4, device="cuda")
-            target = torch.empty_like(source)
-            ms, calls = timer.measure(lambda i: target.copy_(source))
+        copy = device_copy(timer, torch, cupy)
     except Exception as exc:
         report.note(f"copy bandwidth not measured: {type(exc).__name__}: {exc}")
         return float("nan")
-    copy_gbs = bytes_model.gb_per_s(bytes_model.copy_bytes(COPY_BYTES), ms / 1e3)
+    ms, calls, copy_gbs = copy["ms"], copy["calls"], copy["gb_per_s"]
     report.data["timings"].append(dict(config="copy 1 GiB", provider="device-to-device copy", ms=ms, calls=calls,
                                        gbs=copy_gbs, pct_copy=100.0))
-    report.say(f"device-to-device copy of 1 GiB: {ms:.3f} ms, {copy_gbs:.0f} GB/s (read + write)")
+    report.say(f"{copy['what']}: {ms:.3f} ms, {copy_gbs:.0f} GB/s (read + write)")
     return copy_gbs
 
 
@@ -915,9 +823,7 @@ def check_full_size(report, name, label, setup, result, axis):
         # The fetched rows as a small table, indexed by position: same values, same means.
         local_ids = np.arange(bags * length).reshape(bags, length)
         expected = embedding_mean_reference(host_rows, local_ids, axis)
-        actual = to_host(result)[:CHECKED_BAGS]
-        if dtype.itemsize == 2 and actual.dtype != dtype:
-            actual = actual.view(dtype)
+        actual = to_host(result, dtype)[:CHECKED_BAGS]
         problem = compare(actual, expected, **tolerance(dtype))
         report.case(name, case, problem is None, problem or "")
     except Exception as exc:
@@ -927,6 +833,8 @@ def check_full_size(report, name, label, setup, result, axis):
 def make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length):
     """A (V_TIMED, D) table on the GPU and ID_SETS (B, L) int64 id sets, as every provider takes them."""
     import numpy as np
+
+    from fused_embedding.gpu_timing import DeviceTable
     dtype = numpy_dtype(dtype_name)
     setup = {}
     if torch is not None:
@@ -936,8 +844,8 @@ def make_timed_inputs(torch, cupy, cuda, dtype_name, dim, batch, length):
                for _ in range(ID_SETS)]
         torch.cuda.synchronize()
         setup.update(torch_table=weight, torch_ids=ids,
-                     table=DeviceTable(weight.data_ptr(), weight.shape, dtype, weight),
-                     ids=[DeviceTable(i.data_ptr(), i.shape, np.int64, i) for i in ids])
+                     table=DeviceTable.of_torch(weight, dtype),
+                     ids=[DeviceTable.of_torch(i, np.int64) for i in ids])
         if cupy is not None and dtype_name != "bfloat16":
             setup.update(cupy_table=cupy.asarray(setup["table"]),
                          cupy_ids=[cupy.asarray(i) for i in setup["ids"]])
