@@ -210,6 +210,58 @@ def test_without_tensorflow_speedups_are_over_torch(capsys, tmp_path, monkeypatc
     assert "speedup over torch-unfused" in out
 
 
+# --- bench --sweep ----------------------------------------------------------------
+
+def test_the_sweep_spans_the_shapes_it_promises():
+    from fused_embedding import sweep
+    from fused_embedding.providers import DTYPE_NAMES
+    cases = sweep.sweep_cases()
+    float32 = [c for c in cases if c[4] == "fp32"]
+    assert len(float32) >= 25 and len(set(cases)) == len(cases)
+    batches, lengths, dims, vocabs = (sorted({c[i] for c in float32}) for i in range(4))
+    assert (batches[0], batches[-1], lengths[0], lengths[-1]) == (1, 32768, 1, 300)
+    assert {4, 8, 16, 24, 40, 50, 100, 200, 300} <= set(dims) and dims[-1] >= 384
+    assert (vocabs[0], vocabs[-1]) == (10_000, 5_000_000)
+    for batch, length, dim, vocab, dtype in cases:
+        assert vocab * dim * DTYPE_NAMES[dtype].itemsize <= sweep.SWEEP_TABLE_BYTES
+    # The cut keeps V where the table fits and only then shrinks it.
+    assert sweep.sweep_vocab(5_000_000, 8) == 5_000_000
+    assert sweep.sweep_vocab(5_000_000, 384) * 384 * 4 <= sweep.SWEEP_TABLE_BYTES
+    for shape in sweep.DTYPE_SHAPES:
+        v = sweep.sweep_vocab(shape[3], shape[2])
+        assert {c[4] for c in cases if c[:4] == (*shape[:3], v)} == {"fp32", "fp16", "bf16"}
+
+
+def test_a_sweep_times_fused_torch_and_unfused_and_reports_the_worst(capsys, tmp_path, monkeypatch):
+    from fused_embedding import providers, sweep
+    if providers._torch_probe() is not None:
+        pytest.skip("PyTorch is not installed")
+    monkeypatch.setattr(sweep, "sweep_cases", lambda: [(8, 4, 24, 500, "fp32"), (3, 2, 8, 300, "bf16")])
+    code, out, _ = run_main(["bench", "--sweep", "--repeats", "5", "--out", str(tmp_path),
+                             "--no-progress", "--seed", "3"], capsys)
+    assert code == 0
+    results = json.loads((tmp_path / cli.RESULTS_JSON).read_text())
+    timed = [m for m in results["measurements"] if m["status"] == "ok"]
+    assert {m["provider"] for m in timed} == set(sweep.SWEEP_PROVIDERS)
+    assert {(m["dim"], m["dtype"], m["axis"]) for m in timed} == {(24, "fp32", 1), (8, "bf16", 1)}
+    medians = {(m["dim"], m["provider"]): m["median_ms"] for m in timed}
+    rows = results["sweep"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["ratio"] == pytest.approx(medians[(r["dim"], sweep.FUSED)] / medians[(r["dim"], sweep.TORCH)])
+        assert r["unfused_ms"] == medians[(r["dim"], sweep.UNFUSED)]
+    worst = max(rows, key=lambda r: r["ratio"])
+    called_out = f"Worst: {worst['ratio']:.2f} at B={worst['batch']} L={worst['length']} D={worst['dim']}"
+    assert called_out in out and called_out in (tmp_path / cli.RESULTS_MD).read_text()
+
+
+@pytest.mark.parametrize("extra", [["--sizes", "8,4,16"], ["--dtypes", "fp16"], ["--quick"], ["--bags"]])
+def test_sweep_refuses_the_options_it_ignores(capsys, tmp_path, extra):
+    code, _, err = run_main(["bench", "--sweep", *extra, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--sweep" in err
+    assert not any(tmp_path.iterdir())
+
+
 # --- validate ------------------------------------------------------------------
 
 def test_validate_passes_on_the_host_backends(capsys):

@@ -3,6 +3,7 @@ and ``build`` (compile ahead of first use: ``fused_embedding.build``).
 
     fused-embedding bench [--quick] [--device cpu|gpu|all] [--sizes "B,L,D[,V];..."]
                           [--dtypes fp32,fp16,bf16] [--axes 1,2] [--out DIR] [--results-md PATH]
+    fused-embedding bench --sweep [--out DIR] [--results-md PATH]
     fused-embedding bench --bags [--quick] [--sizes "B,L,D[,V];..."] [--out DIR] [--results-md PATH]
     fused-embedding validate [--device cpu|gpu|all]
     fused-embedding build [--cache-dir DIR]
@@ -195,6 +196,13 @@ def make_parser() -> argparse.ArgumentParser:
                             "<= 1,000), Zipf and uniform ids over V=2,000,000, D=64, 16 and 256 "
                             "(--quick: D=64); --sizes then reads L as the mean bag length "
                             "(V defaults to 2,000,000); --axes does not apply")
+    bench.add_argument("--sweep", action="store_true",
+                       help="time the fused CPU op against torch's embedding_bag (mean) and the unfused "
+                            "path in PyTorch over the sweep's case set (fused_embedding.sweep: B 1-32768, "
+                            "L 1-300, D 4-512, V 10,000-5,000,000 cut so each table stays under 1.5 GB, "
+                            "float32, and the three table dtypes at two shapes), axis 1, and report "
+                            "fused / torch per shape and the worst; --sizes, --dtypes, --axes and "
+                            "--device do not apply")
     bench.add_argument("--seed", type=int, help="seed for tables and ids (default: fresh)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=run_bench, subparser=bench)
@@ -368,6 +376,8 @@ def _check_writable(path: Path, parser, what: str, is_dir: bool) -> None:
 
 def run_bench(args, parser) -> int:
     if args.bags:
+        if args.sweep:
+            parser.error("--sweep and --bags are two different runs: pick one")
         return run_bench_bags(args, parser)
     from . import providers as P
     started = time.time()
@@ -375,18 +385,25 @@ def run_bench(args, parser) -> int:
     _check_writable(Path(args.out), parser, "--out", is_dir=True)
     if args.results_md:
         _check_writable(Path(args.results_md), parser, "--results-md", is_dir=False)
-    cases = build_cases(args, parser)
-    try:
-        axes = [Axis(int(a)) for a in parse_choices(args.axes, ["1", "2"], "--axes")]
-    except ValueError as exc:
-        parser.error(str(exc))
-    devices = _devices(args.device, parser)
+    if args.sweep:
+        from . import sweep
+        if args.sizes is not None or args.dtypes or args.quick:
+            parser.error("--sweep times its own case set: --sizes, --dtypes and --quick do not apply")
+        cases, axes, devices = sweep.sweep_cases(), [Axis.SEQUENCE], ["cpu"]
+    else:
+        cases = build_cases(args, parser)
+        try:
+            axes = [Axis(int(a)) for a in parse_choices(args.axes, ["1", "2"], "--axes")]
+        except ValueError as exc:
+            parser.error(str(exc))
+        devices = _devices(args.device, parser)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else REPEATS)
     case_seconds = QUICK_CASE_SECONDS if args.quick else CASE_SECONDS
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
 
-    candidates = [p for device in devices for p in P.providers_for(device)]
+    candidates = [p for device in devices for p in P.providers_for(device)
+                  if not args.sweep or p.name in sweep.SWEEP_PROVIDERS]
     skipped = [dict(provider=p.name, device=p.device, reason=p.unavailable_reason())
                for p in candidates if p.unavailable_reason() is not None]
     available = [p for p in candidates if p.unavailable_reason() is None]
@@ -450,6 +467,9 @@ def run_bench(args, parser) -> int:
                    load_average=dict(start=load_at_start, end=_load_average()),
                    copy=copy, read=read, skipped=skipped, validation=validation, measurements=measurements)
     print(format_table(results))
+    if args.sweep:
+        results["sweep"] = sweep.ratios(measurements)
+        print("\n" + "\n".join(sweep.ratio_lines(results["sweep"])))
     return _write_and_exit_code(results, args, failed, measurements)
 
 
@@ -656,6 +676,7 @@ def markdown_block(results, device) -> str:
         "",
         *summary_table(results, device),
         "",
+        *(_sweep_lines(results) if device == "cpu" and "sweep" in results else []),
         "Every measurement:",
         "",
         "| case | provider | median ms | p20-p80 ms | GB/s | % copy BW | % read BW | x unfused |",
@@ -677,6 +698,11 @@ def markdown_block(results, device) -> str:
                  f"checks passed" + (": failed " + ", ".join(f"{v['provider']} axis {v['axis']} {v['dtype']}"
                                                            for v in failed) if failed else "") + ".")
     return "\n".join(lines)
+
+
+def _sweep_lines(results) -> list[str]:
+    from .sweep import ratio_lines
+    return ratio_lines(results["sweep"]) + [""]
 
 
 def update_results_md(text: str | None, device: str, block: str, generator: str = MD_GENERATOR,
