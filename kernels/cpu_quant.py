@@ -64,7 +64,8 @@ def _make_scaled_rows(n_loads: int, kind: int):
 
     @intrinsic
     def scaled_rows(typingctx, data, rows, mults, count, col, acc):
-        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout == "C"
+        # any layout: a row's bytes must be contiguous (QuantizedTable checks it), rows a stride apart
+        if not (isinstance(data, types.Array) and data.ndim == 2 and data.layout in ("C", "A")
                 and data.dtype in (types.uint8, types.int8)):
             return None
 

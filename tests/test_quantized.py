@@ -142,8 +142,22 @@ def test_rowwise_from_parts(rng):
     data = rng.integers(0, 256, (5, 4)).astype(np.uint8)
     scales, biases = rng.random(5).astype(np.float32), rng.random(5).astype(np.float32)
     qtable = fe.QuantizedTable.rowwise(data, scales, biases, "int8")
-    assert np.shares_memory(qtable.data, data)
+    assert not np.shares_memory(qtable.data, data) and np.array_equal(qtable.data, data)
     assert np.array_equal(qtable.scales, scales) and np.array_equal(qtable.biases, biases)
+    # copied into one buffer of rows: 4 data bytes, then scale and bias
+    assert qtable.params.ctypes.data - qtable.data.ctypes.data == 4 and qtable.data.strides == (12, 1)
+
+
+@pytest.mark.parametrize("mode, dim, row_bytes", [("int8", 128, 136), ("int8", 6, 16), ("int4", 10, 16),
+                                                   ("int4", 8, 12)])
+def test_parameters_follow_each_rows_data(mode, dim, row_bytes):
+    qtable = fe.quantize_table(np.arange(3 * dim, dtype=np.float32).reshape(3, dim), mode)
+    columns = qtable.data.shape[1]
+    data_at, params_at = qtable.data.ctypes.data, qtable.params.ctypes.data
+    # one row = its data bytes, padding to 4 bytes, scale, bias; rows one stride apart
+    assert qtable.data.strides == (row_bytes, 1) and qtable.params.strides == (row_bytes, 4)
+    assert params_at - data_at == -(-columns // 4) * 4 and params_at % 4 == 0
+    assert data_at % 64 == 0  # the buffer starts on a cache line
 
 
 @pytest.mark.parametrize("make, error, words", [
@@ -167,7 +181,7 @@ def test_rowwise_from_parts(rng):
     (lambda: fe.QuantizedTable.from_keras_int8(np.zeros((4, 8), np.uint8), np.ones(4, np.float32)),
      TypeError, "2-D int8 array"),
     (lambda: fe.QuantizedTable("int8", np.zeros((4, 16), np.uint8)[:, ::2], np.ones((4, 2), np.float32)),
-     ValueError, "data must be C-contiguous"),
+     ValueError, "data must have contiguous, non-overlapping rows"),
     (lambda: fe.QuantizedTable("int8", np.zeros((4, 8), np.uint8), np.ones((4, 1), np.float32)),
      ValueError, "params must be float32 (4, 2)"),
 ])

@@ -10,11 +10,15 @@ Layout of a ``QuantizedTable`` (V rows of D values; every array C-contiguous, in
 
 The asymmetric formats are torch's ``embedding_bag_byte_prepack`` and FBGEMM's fused
 8-bit row-wise quantization (scale = (max - min) / 255, bias = min, q = round((x - min) /
-scale)), and its 4-bit form with 15 levels, except that the row parameters are kept
-apart from the data, interleaved per row in one float32 (V, 2) array (``scales`` and
-``biases`` are its columns): a row read then touches the data's lines and one line of
-parameters, and the data rows keep the alignment of a plain array. torch's 4-bit
-prepack stores float16 scale and bias; here they are float32.
+scale)), and its 4-bit form with 15 levels. As there, a row's parameters sit right after
+its data, in one buffer of rows (``quantize_table``, ``rowwise`` and ``from_arrays`` make
+it): row r is its C data bytes, up to 3 bytes of padding (so the floats are 4-byte
+aligned), then float32 scale and bias. ``data`` (V, C) and ``params`` (V, 2) are views
+into that buffer (rows contiguous, row stride the buffer's), so a row read is one memory
+access, not one for the data and another for parameters kept elsewhere (benchmarks/NOTES.md).
+``scales`` and ``biases`` are ``params``' columns. torch's 4-bit prepack stores float16
+scale and bias; here they are float32. Keras' layout is read as Keras keeps it: two
+arrays of their own.
 
 Bytes: ``TableFormat.bytes_per_row(D)`` a row, parameters included (D + 8 for int8,
 D / 2 + 8 for int4, D + 4 for Keras' int8); ``QuantizedTable.nbytes`` for the table.
@@ -83,29 +87,34 @@ class QuantizedTable:
             raise ValueError(f"a {name} table's params must be float32 {expected} (the {what} of each "
                              f"of its {data.shape[0]} rows), got {params.dtype} {params.shape}")
         for array, label in ((data, "data"), (params, "params")):
-            if not array.flags.c_contiguous:
-                raise ValueError(f"a {name} table's {label} must be C-contiguous (the kernels walk its "
-                                 f"rows); np.ascontiguousarray makes a contiguous copy")
+            # The kernels walk each row's bytes in order and step between rows by the stride.
+            if array.shape[0] > 1 and array.strides[0] < array.shape[1] * array.itemsize \
+                    or array.shape[1] > 1 and array.strides[1] != array.itemsize:
+                raise ValueError(f"a {name} table's {label} must have contiguous, non-overlapping rows (the "
+                                 f"kernels walk its rows), got strides {array.strides}; "
+                                 f"np.ascontiguousarray makes a contiguous copy")
 
     # --- constructors ------------------------------------------------------------------
     @classmethod
     def rowwise(cls, data, scales, biases, mode="int8") -> "QuantizedTable":
         """An asymmetric table from its parts: ``data`` uint8 (V, D) ("int8") or (V, D / 2)
-        ("int4", low nibble first), ``scales`` and ``biases`` float32 (V,). The data is
-        kept as it is; scales and biases are interleaved into ``params`` (a copy of 8 V bytes)."""
+        ("int4", low nibble first), ``scales`` and ``biases`` float32 (V,). All three are
+        copied into the table's buffer of rows (module docstring)."""
         fmt = _mode_of(mode)
         if fmt is TableFormat.KERAS_INT8:
             raise ValueError("Keras' int8 layout has no biases: use QuantizedTable.from_keras_int8(q, scale)")
         data = np.asarray(data)
         vocab = data.shape[0] if data.ndim >= 1 else 0
-        params = np.empty((vocab, 2), dtype=ACCUMULATE_DTYPE)
-        for column, (array, label) in enumerate(((scales, "scales"), (biases, "biases"))):
+        for array, label in ((scales, "scales"), (biases, "biases")):
             array = np.asarray(array)
             if array.dtype != ACCUMULATE_DTYPE or array.shape != (vocab,):
                 raise ValueError(f"{label} must be float32 ({vocab},), one per row of data {data.shape}, "
                                  f"got {array.dtype} {array.shape}")
-            params[:, column] = array
-        return cls(fmt, data, params)
+        cls(fmt, data, np.empty((vocab, 2), ACCUMULATE_DTYPE))  # the data's own checks, before any copy
+        rows, params = _row_buffer(vocab, data.shape[1])
+        rows[...] = data
+        params[:, 0], params[:, 1] = scales, biases
+        return cls(fmt, rows, params)
 
     @classmethod
     def from_keras_int8(cls, embeddings, embeddings_scale) -> "QuantizedTable":
@@ -123,8 +132,12 @@ class QuantizedTable:
     @classmethod
     def from_arrays(cls, arrays) -> "QuantizedTable":
         """The table ``to_arrays()`` gave (also what ``np.load`` returns for its ``np.savez``)."""
-        return cls(str(arrays["format"][()]), np.ascontiguousarray(arrays["data"]),
-                   np.ascontiguousarray(arrays["params"]))
+        fmt, data, params = _mode_of(str(arrays["format"][()])), np.asarray(arrays["data"]), arrays["params"]
+        if fmt is TableFormat.KERAS_INT8:
+            return cls(fmt, np.ascontiguousarray(data), np.ascontiguousarray(params))
+        params = np.asarray(params)
+        cls(fmt, np.ascontiguousarray(data), np.ascontiguousarray(params))  # checks, before the copy
+        return cls.rowwise(data, np.ascontiguousarray(params[:, 0]), np.ascontiguousarray(params[:, 1]), fmt)
 
     def to_arrays(self) -> dict:
         """{"format": the mode name, "data": ..., "params": ...}: ``np.savez(path, **table.to_arrays())``."""
@@ -174,6 +187,15 @@ class QuantizedTable:
         return f"QuantizedTable({self.mode}, shape={self.shape}, nbytes={self.nbytes})"
 
 
+def _row_buffer(vocab: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 (V, C), params float32 (V, 2)): views into one new buffer of V rows, each
+    C data bytes, padding to a multiple of 4, then scale and bias (module docstring). The
+    buffer starts on a cache line."""
+    params_at = -(-columns // 4) * 4
+    buffer = empty_aligned((vocab, params_at + 8), np.uint8)            # [V][C + pad + 8]
+    return buffer[:, :columns], buffer[:, params_at:].view(ACCUMULATE_DTYPE)
+
+
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """uint8 (V, D / 2) from 4-bit values q (V, D) in [0, 15]: column 2j in the low nibble of byte j."""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
@@ -217,9 +239,7 @@ def quantize_table(table, mode="int8") -> QuantizedTable:
     if fmt is TableFormat.INT4_ROWWISE and dim % 2:
         raise ValueError(f"int4 packs two values a byte: D must be even, got D = {dim} (table shape {table.shape})")
     levels = _LEVELS[fmt]
-    # Rows start on cache lines (a D=128 int8 row is then 2 lines, an int4 one 1).
-    data = empty_aligned((vocab, fmt.storage_columns(dim)), np.uint8)
-    params = empty_aligned((vocab, 2), np.float32)
+    data, params = _row_buffer(vocab, fmt.storage_columns(dim))
     for start in range(0, vocab, _QUANTIZE_ROWS_PER_BLOCK):
         block = table[start:start + _QUANTIZE_ROWS_PER_BLOCK].astype(np.float64)  # [rows][D]
         rows = slice(start, start + block.shape[0])
