@@ -8,11 +8,16 @@ their types: the Numba signature, the ctypes types and a C header,
 ``fused_embedding_c_interface.h``, written beside the build and included by the
 C++ source. A mismatch (an argument added on one side only) is then a compile
 error in C++ or a different Numba/ctypes signature, never a silent misread.
+
+The header also carries the constants the kernel's plain C++ loops need where no
+Python configures the library (TF Serving): the padding id, the pooling codes and
+the bad-id and row messages, each from its one definition in the Python package.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 
 HEADER_NAME = "fused_embedding_c_interface.h"
 
@@ -131,10 +136,34 @@ POISON_OUTPUTS = Function("fused_embedding_poison_outputs", "void", (("enabled",
 EXPORTED = (CONFIGURE, CONFIGURE_BAGS, SET_SERIAL_ONLY, POISON_OUTPUTS)
 
 
+def _c_string(text: str) -> str:
+    """``text`` as a C string literal (JSON's escapes are C's for these ASCII messages)."""
+    if not text.isascii():
+        raise ValueError(f"the C header takes ASCII messages only, got {text!r}")
+    return json.dumps(text)
+
+
+def constants() -> dict:
+    """The C header's #defines: name -> C literal."""
+    from .backends import (BAG_OUT_OF_RANGE_MESSAGE, CANONICAL_ORDER_MESSAGE, OUT_OF_RANGE_MESSAGE,
+                           ROW_OUTSIDE_MESSAGE)
+    from .semantics import PADDING_ID
+    from .spec import Pooling
+    return {
+        "FUSED_EMBEDDING_PADDING_ID": str(int(PADDING_ID)),
+        **{f"FUSED_EMBEDDING_POOLING_{p.name}": str(p.kernel_code) for p in Pooling},
+        "FUSED_EMBEDDING_OUT_OF_RANGE_MESSAGE": _c_string(OUT_OF_RANGE_MESSAGE),
+        "FUSED_EMBEDDING_BAG_OUT_OF_RANGE_MESSAGE": _c_string(BAG_OUT_OF_RANGE_MESSAGE),
+        "FUSED_EMBEDDING_CANONICAL_ORDER_MESSAGE": _c_string(CANONICAL_ORDER_MESSAGE),
+        "FUSED_EMBEDDING_ROW_OUTSIDE_MESSAGE": _c_string(ROW_OUTSIDE_MESSAGE),
+    }
+
+
 def header_text() -> str:
-    """The C header the C++ source includes: every declaration above."""
+    """The C header the C++ source includes: every declaration above, and ``constants()``."""
     lines = ["// Generated from fused_embedding/c_interface.py: edit that file, not this one.",
              "#pragma once", "#include <cstdint>", ""]
+    lines += [f"#define {name} {value}" for name, value in constants().items()] + [""]
     lines += [f.c_declaration() for f in CALLBACKS.values()]
     lines += ["", 'extern "C" {'] + [f.c_declaration() for f in EXPORTED] + ['}  // extern "C"', ""]
     return "\n".join(lines)

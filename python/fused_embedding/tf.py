@@ -14,13 +14,22 @@ the buffer the kernel wrote. Dtypes and ranks are checked on the symbolic
 tensors, so mistakes fail when the graph is built; bad ids fail when it runs, as
 ``tf.errors.InvalidArgumentError`` naming the id (as ``tf.gather`` does on CPU).
 
-A Python body, like the compiled kernel, lives in this process only: a
-SavedModel holding one fails when it is loaded or run elsewhere. So when a graph
-is traced for export (inside ``tf.saved_model.save``, Keras' ``model.export``, or
-under ``native_ops()``) the op writes its native-TF equivalent instead (gather,
-masked mean, the same empty-bag and bounds rules), and a graph traced with the
-Python body or the compiled kernel refuses to be saved, at save time, with a
-message naming the fix.
+Export. A graph traced for export (inside ``tf.saved_model.save``, Keras'
+``model.export``) holds the compiled ops in every form, so the SavedModel serves at
+the fused speed: ``FusedEmbeddingMean`` (axis 1, and axis 2 read from the rows),
+``FusedEmbeddingMeanOfRows`` (axis 2 on a table provably frozen in the graph: a
+constant, ``fused_embedding.frozen_table``, an eager tensor; export writes its V row
+means into the graph beside it, so a call reads B*L scalars; a tf.Variable can be
+assigned after loading, so its rows are read), ``FusedEmbeddingBag`` (tf_bags.py). A
+process serves such a SavedModel after ``load_ops()``; without it TF's load fails
+with "Op type not registered 'FusedEmbedding...'". Where the compiled ops can't be
+built (``tf_compiled.unavailable_reason()``), export writes the native-TF twin
+(gather, masked mean, the same empty-bag and bounds rules) with a warning, never a
+graph that can't load. ``native_ops()`` asks for that twin explicitly: a SavedModel
+that loads with TF alone. A graph traced with a Python body (numpy_function,
+py_function: axis 2 in process, a GPU graph) lives in this process only and refuses
+to be saved, at save time, with a message naming the fix; one traced with the
+compiled kernel saves as it is.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import contextlib
 import string
 import sys
 import threading
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -55,23 +65,46 @@ TF_ALIGNMENT_BYTES = 64
 # Result dtypes NumPy exports through DLPack (it has no bfloat16 there).
 _DLPACK_RESULT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
-EXPORT_FIX = ("fused_embedding's op runs as a kernel compiled into this process, or through "
-              "tf.numpy_function / tf.py_function, whose Python body is not saved in a "
-              "SavedModel. Export a native copy of the model instead: "
-              "fused_embedding.keras.unfuse(model).export(path), or trace the function to save "
-              "inside `with fused_embedding.tf.native_ops():` (Keras' model.export() and "
-              "tf.saved_model.save() do this by themselves when they trace a function; "
-              "a ConcreteFunction traced earlier is saved as it is)")
+EXPORT_FIX = ("this graph runs fused_embedding's op through tf.numpy_function / tf.py_function, "
+              "whose Python body is not saved in a SavedModel. Let the saver trace the function "
+              "(Keras' model.export() and tf.saved_model.save() on a tf.function trace it with the "
+              "compiled FusedEmbedding* ops, served after fused_embedding.tf.load_ops()), or export "
+              "a native copy that loads with TF alone: fused_embedding.keras.unfuse(model).export(path), "
+              "or trace the function inside `with fused_embedding.tf.native_ops():` "
+              "(a ConcreteFunction traced earlier is saved as it is)")
 
 _state = threading.local()
 
 
+def load_ops():
+    """Load the package's TF op library into this process and configure its kernels.
+
+    What a process serving a SavedModel exported with the fused ops (the default
+    export) calls before ``tf.saved_model.load``: builds the library first where
+    none is cached for this TF (``fused-embedding build`` does it ahead of time; a
+    SavedModel written under another TF version loads once it is rebuilt), then
+    registers ``FusedEmbeddingMean``, ``FusedEmbeddingMeanOfRows`` and
+    ``FusedEmbeddingBag`` with TF and hands the kernels their Numba launchers.
+    Idempotent; graphs using the op load it themselves when traced.
+
+    ``import fused_embedding.tf`` does not do this: it would add the library's load
+    and the launchers' set-up (1-2 s here) to every import, or a 10 s+ build on a
+    fresh installation, for processes that never load a SavedModel.
+
+    Returns the op module (``tf.load_op_library``'s). Raises RuntimeError saying why
+    where the library can't be built or loaded (``tf_compiled.unavailable_reason()``).
+    """
+    return tf_compiled.load_ops()
+
+
 @contextlib.contextmanager
 def native_ops():
-    """Within this block the op builds native TF ops (tf.gather + masked mean), no Python body.
+    """Within this block the op builds native TF ops (tf.gather + masked mean), no Python body
+    and no compiled op.
 
-    For graphs meant to leave the process (SavedModel, TF Serving): they then need
-    neither this package nor Python. Slower than the fused kernel; same results
+    The portable export: a SavedModel traced here loads and serves with TF alone
+    (neither this package nor its op library). Slower than the fused ops that
+    ``tf.saved_model.save`` / ``model.export`` write by default; same results
     (float32 accumulation, zeros for empty bags, bounds checked).
     """
     previous = getattr(_state, "native", False)
@@ -82,9 +115,34 @@ def native_ops():
         _state.native = previous
 
 
+def _native_requested() -> bool:
+    """True inside ``native_ops()``."""
+    return getattr(_state, "native", False)
+
+
+_native_fallback_warned = False
+
+
+def _exports_compiled_ops(table) -> bool:
+    """While tracing for export: True where the graph holds the compiled ops (the default),
+    False for the native twin: inside ``native_ops()``, for a table placed on a GPU (the
+    compiled ops are CPU kernels), or where they can't be built (a warning, once)."""
+    global _native_fallback_warned
+    if _native_requested() or _is_gpu_tensor(table):
+        return False
+    if tf_compiled.op_module() is not None:
+        return True
+    if not _native_fallback_warned:
+        _native_fallback_warned = True
+        warnings.warn("fused_embedding: exporting the native TF twin of the op (gather + mean, unfused "
+                      f"speed): the compiled FusedEmbedding* ops can't be built here "
+                      f"({tf_compiled.unavailable_reason()})", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def _tracing_for_export() -> bool:
-    """True when the graph being built will be saved rather than run here."""
-    if getattr(_state, "native", False):
+    """True when the graph being built will be saved rather than run here (or ``native_ops()``)."""
+    if _native_requested():
         return True
     from tensorflow.python.saved_model import save_context
     if save_context.in_save_context():
@@ -101,7 +159,7 @@ def _tracing_for_export() -> bool:
 
 
 class _ExportGuard(tf.saved_model.experimental.TrackableResource):
-    """A resource every graph with the op's Python body or compiled kernel captures, so
+    """A resource every graph with the op's Python body captures, so
     that saving such a graph fails while saving.
 
     Nothing tracks it (it belongs to no saved object), and TF's saver refuses a
@@ -309,6 +367,39 @@ def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
     return tf.cast(means, table.dtype)
 
 
+def _baked_table_value(source, table: tf.Tensor):
+    """The table's values where the graph being traced holds them as they are now, never to
+    change (a constant baked into it, an eager tensor it captures), else None: a
+    tf.Variable (assignable after loading), a graph input, any computed tensor.
+
+    ``source``: what the op was given; ``table``: it as a tensor in the graph."""
+    from tensorflow.python.framework.ops import EagerTensor
+    if isinstance(source, EagerTensor):  # immutable: saved as the constant it is
+        return np.asarray(source)
+    if isinstance(source, tf.Variable) or table.dtype == tf.resource:
+        return None
+    if tf.is_symbolic_tensor(table) and table.op.type == "Const":  # a NumPy array, frozen_table
+        return tf.get_static_value(table)
+    return None
+
+
+def _frozen_row_means(table_value: np.ndarray) -> np.ndarray:
+    """[V] float32 row means of a frozen table, computed once at export (the cpu backend's
+    row-means kernel, as its axis-2 cache computes them in process)."""
+    from .backends import cpu
+    return np.ascontiguousarray(cpu._row_means(np.ascontiguousarray(table_value)))
+
+
+def _exported_form(table, ids, axis: Axis, mask_zero: bool, row_means):
+    """The compiled op an exported graph holds: axis 1 over the rows; axis 2 on the frozen
+    table's row means (``row_means`` [V] float32) or, without them, over the rows."""
+    if axis is Axis.SEQUENCE:
+        return tf_compiled.embedding_mean_sequence(table, ids, mask_zero)
+    if row_means is not None:
+        return tf_compiled.mean_of_rows(tf.constant(row_means), ids, table.dtype, mask_zero)
+    return tf_compiled.embedding_mean_per_id(table, ids, mask_zero)
+
+
 def _table_gradient(table, ids, upstream, axis: Axis, mask_zero: bool):
     """d(out)/d(table) as IndexedSlices: each gathered row gets upstream / (its bag's count).
 
@@ -368,16 +459,22 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     # or tensor given here), so stale copies can't pile up (row_mean_cache).
     site = row_mean_cache.site_of(table) if axis is Axis.EMBEDDING else row_mean_cache.ANONYMOUS_SITE
     with tf.name_scope(name or "fused_embedding_mean"):
+        source = table
         table = tf.convert_to_tensor(table)
         ids = tf.convert_to_tensor(ids)
         _check_symbolic(table, ids, mask_zero)
         mask_zero = bool(mask_zero)
         out_shape = _static_output_shape(axis, table, ids)
 
-        if not tf.executing_eagerly() and _tracing_for_export():
+        exporting = not tf.executing_eagerly() and _tracing_for_export()
+        if exporting and not _exports_compiled_ops(table):
             out = _native_embedding_mean(table, ids, axis, mask_zero)
             out.set_shape(out_shape)
             return out
+        row_means = None
+        if exporting and axis is Axis.EMBEDDING:
+            baked = _baked_table_value(source, table)
+            row_means = None if baked is None else _frozen_row_means(baked)
 
         @tf.custom_gradient
         def fused(table_value):
@@ -391,21 +488,25 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
                     raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
                 out = tf.convert_to_tensor(out, dtype=table_value.dtype)
             else:
-                # Run the Python body where the table is (a GPU table placed on the host
-                # would be copied over on every call); ids follow it.
+                # Run the op where the table is (a GPU table placed on the host would be
+                # copied over on every call); ids follow it.
                 placement = tf.device(table_value.device) if table_value.device else contextlib.nullcontext()
-                with placement, tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
+                with placement:
                     on_host = _runs_on_host(table_value)
-                    if on_host and _uses_compiled_kernel(axis, backend):
-                        out = tf_compiled.embedding_mean_sequence(table_value, ids, mask_zero)
-                    elif on_host:
-                        out = tf.numpy_function(
-                            lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend, site),
-                            [table_value, ids], table_value.dtype, stateful=True)
+                    if exporting:
+                        out = _exported_form(table_value, ids, axis, mask_zero, row_means)
+                    elif on_host and _uses_compiled_kernel(axis, backend):
+                        out = tf_compiled.embedding_mean_sequence(table_value, ids, mask_zero)  # saves as is
                     else:
-                        out = tf.py_function(
-                            lambda t, i: _run_core(t, i, axis, mask_zero, backend, site),
-                            [table_value, ids], table_value.dtype)
+                        with tf.control_dependencies([tf.identity(export_guard().resource_handle)]):
+                            if on_host:
+                                out = tf.numpy_function(
+                                    lambda t, i: _run_core_on_host_arrays(t, i, axis, mask_zero, backend, site),
+                                    [table_value, ids], table_value.dtype, stateful=True)
+                            else:
+                                out = tf.py_function(
+                                    lambda t, i: _run_core(t, i, axis, mask_zero, backend, site),
+                                    [table_value, ids], table_value.dtype)
             out.set_shape(out_shape)
 
             def grad(upstream):

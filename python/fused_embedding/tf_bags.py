@@ -14,10 +14,13 @@ and an id outside [0, V) is an InvalidArgumentError naming the id, its position 
 the values and V (TF's CPU gather also raises; its GPU gather gives zeros). The
 sparse ids must be in canonical row-major order, as TF's ops assume: ours check it.
 
-Forms, as for the dense op (tf.py): eagerly the core op runs in place; in a graph a
-``tf.numpy_function`` runs it on TF's buffers; when a graph is traced for export
-(``native_ops()``, ``tf.saved_model.save``, Keras' ``model.export``) a native twin of
-TF segment ops with the same rules is written instead. Gradients (``tf.GradientTape``):
+Forms, as for the dense op (tf.py): eagerly the core op runs in place; in a graph on
+the host the compiled ``FusedEmbeddingBag`` (tf_compiled.py) runs it, where that can't
+be built a ``tf.numpy_function`` on TF's buffers (which refuses to be saved). A graph
+traced for export (``tf.saved_model.save``, Keras' ``model.export``) holds
+``FusedEmbeddingBag`` (served after ``fused_embedding.tf.load_ops()``); inside
+``native_ops()``, or where the compiled op can't be built (with a warning), a native
+twin of TF segment ops with the same rules is written instead. Gradients (``tf.GradientTape``):
 the table gets IndexedSlices, one row per id (``weight * upstream / normaliser``), as
 TF's ops give; per-id weights get theirs too.
 
@@ -261,7 +264,8 @@ def _fused_bag(table, bags: _Bags, pooling: Pooling):
         raise checks_module.table_dtype_error(table.dtype.name)
     checks_module.check_table_shape(None if table.shape.rank is None else table.shape.as_list())
     dim = table.shape[1] if table.shape.rank == 2 else None
-    if not tf.executing_eagerly() and fused_tf._tracing_for_export():
+    exporting = not tf.executing_eagerly() and fused_tf._tracing_for_export()
+    if exporting and not fused_tf._exports_compiled_ops(table):
         values, offsets, weights, _ = bags.csr()
         with tf.control_dependencies(bags.checks):
             offsets = tf.identity(offsets)
@@ -282,10 +286,11 @@ def _fused_bag(table, bags: _Bags, pooling: Pooling):
             except ValueError as exc:
                 raise tf.errors.InvalidArgumentError(None, None, str(exc)) from exc
             out = tf.convert_to_tensor(result, dtype=table_value.dtype)
-        elif _uses_compiled_kernel(table_value):
+        elif exporting or _uses_compiled_kernel(table_value):
             out = _compiled_bag(table_value, bags, bag_inputs, weight_value, pooling)
-        else:
-            out = tf.numpy_function(body, inputs, table_value.dtype, stateful=False)
+        else:  # a Python body: refuses to be saved (tf.py's export guard)
+            with tf.control_dependencies([tf.identity(fused_tf.export_guard().resource_handle)]):
+                out = tf.numpy_function(body, inputs, table_value.dtype, stateful=False)
         out.set_shape([None, dim])
 
         def grad(upstream):

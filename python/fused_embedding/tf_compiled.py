@@ -2,7 +2,10 @@
 
 On the host the op's axis-1 path runs as its own compiled TF op (``FusedEmbeddingMean``),
 and the sparse lookups' bags as ``FusedEmbeddingBag``, instead of a Python-function op, so a call costs what TF's own ops cost to
-dispatch, not a round trip into Python (benchmarks/NOTES.md). The library is
+dispatch, not a round trip into Python (benchmarks/NOTES.md). Exported SavedModels hold
+these ops in every form (tf.py: axis 2 as ``FusedEmbeddingMean(axis=2)``, or
+``FusedEmbeddingMeanOfRows`` on a frozen table's row means); a process serves them once
+``load_ops()`` (``fused_embedding.tf.load_ops``) has loaded and configured the library. The library is
 compiled once with the C++ compiler (``$CXX``, else ``c++``) against the installed
 TF's headers, into ``cache_dir()``: ``$FUSED_EMBEDDING_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fused_embedding`` or ``~/.cache/fused_embedding``, else (home not
@@ -280,3 +283,39 @@ def embedding_mean_sequence(table: tf.Tensor, ids: tf.Tensor, mask_zero: bool) -
     """(B, D) mean over the sequence axis through the compiled kernel; ``op_module()`` must
     have returned a module. Inputs checked by the caller (dtypes, ranks)."""
     return _module.fused_embedding_mean(table, ids, mask_zero=mask_zero)
+
+
+def embedding_mean_per_id(table: tf.Tensor, ids: tf.Tensor, mask_zero: bool) -> tf.Tensor:
+    """(B, L): the mean of each id's row of ``table`` (V, D), read from the rows (axis 2 on a
+    table that may change, a tf.Variable); ``op_module()`` must have returned a module."""
+    return _module.fused_embedding_mean(table, ids, mask_zero=mask_zero, axis=2)
+
+
+def mean_of_rows(row_means: tf.Tensor, ids: tf.Tensor, dtype: tf.DType, mask_zero: bool) -> tf.Tensor:
+    """(B, L) of ``dtype``: ``row_means`` [V] float32 (a frozen table's, computed once) at each
+    id, padding (mask_zero) 0, bad ids refused as by the other forms."""
+    return _module.fused_embedding_mean_of_rows(row_means, ids, T=dtype, mask_zero=mask_zero)
+
+
+def load_ops():
+    """Build the library if needed, load it into TF and configure it; returns the op module.
+    Raises RuntimeError saying why where it can't be (``unavailable_reason()``)."""
+    module = op_module()
+    if module is None:
+        raise RuntimeError(f"fused_embedding's TF ops can't be loaded here: {_reason}. A SavedModel "
+                           "holding FusedEmbedding* ops needs them; export one with "
+                           "`with fused_embedding.tf.native_ops():` to serve it with TF alone")
+    return module
+
+
+def write_serving_sources(folder) -> list[Path]:
+    """Write the op's C++ source and its generated C interface header into ``folder``, for a
+    server that links the op in (TF Serving: a ``cc_library(alwayslink=1)``); returns the paths.
+
+    Linked in without Python, the kernels run their plain C++ loops (tf_host_op.cc's header)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source, header = folder / SOURCE.name, folder / c_interface.HEADER_NAME
+    source.write_text(SOURCE.read_text())
+    header.write_text(c_interface.header_text())
+    return [source, header]

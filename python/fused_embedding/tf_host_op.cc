@@ -1,20 +1,33 @@
-// The TF op's compiled CPU kernels: FusedEmbeddingMean, mean over the sequence axis,
-// table (V, D) + ids (B, L) -> (B, D); FusedEmbeddingBag, CSR bags -> (B, D) for the
-// sparse lookups (tf_bags.py).
+// The TF op's compiled CPU kernels:
+//   FusedEmbeddingMean, table (V, D) + ids (B, L): the mean over the sequence axis (axis=1,
+//     -> (B, D)) or over each gathered row (axis=2, -> (B, L));
+//   FusedEmbeddingMeanOfRows, the axis-2 form on a frozen table's row means (V) computed
+//     when the graph was exported: (B, L) scalar reads, not B*L*D values;
+//   FusedEmbeddingBag, CSR bags -> (B, D) for the sparse lookups (tf_bags.py).
 //
 // A Python-function op pays TF's round trip into Python on every call (0.2-0.5 ms,
-// benchmarks/NOTES.md); this kernel runs inside TF's executor like its own ops, on
-// TF's buffers, into an output TF allocated. It does no arithmetic itself: Python
-// registers the cpu backend's launcher (a Numba C callback over the same kernels the
-// core op runs, backends/cpu_cfunc.py) when it loads this library, and the kernel
-// calls it. An output of 64 MiB or more is first checked against the host's memory
-// (cgroup limits included) by a Python callback registered the same way, so the bound
-// is defined once (memory.py) for the core op and this kernel; that call takes the
-// GIL, which TF's executor does not hold (its py_function ops need it too), and costs
-// well under the time such an output takes to write. Built by
-// fused_embedding/tf_compiled.py on first use against the installed TF's headers.
+// benchmarks/NOTES.md); these kernels run inside TF's executor like its own ops, on
+// TF's buffers, into an output TF allocated. Axis 1 and the bags call the cpu backend's
+// Numba launchers (C callbacks over the same kernels the core op runs,
+// backends/cpu_cfunc.py, cpu_bags_cfunc.py), which Python registers when it loads this
+// library (fused_embedding.tf.load_ops()). A process that loads the library without
+// Python configuring it (TF Serving, tf.load_op_library alone) runs the plain C++ loops
+// below instead, on TF's own CPU thread pool: same results within the dtypes'
+// tolerances (float32 accumulation, zeros for empty bags, the same bad-id messages,
+// compiled in from c_interface.py), slower than the Numba kernels. Axis 2 and the row
+// means are those C++ loops everywhere (a scalar per (b, l): no Numba kernel needed).
+// An output of 64 MiB or more is first checked against the host's memory (cgroup
+// limits included) by a Python callback registered the same way, so the bound is
+// defined once (memory.py) for the core op and this kernel; that call takes the GIL,
+// which TF's executor does not hold (its py_function ops need it too), and costs well
+// under the time such an output takes to write. Without Python, that check is left to
+// TF's allocator. Built by fused_embedding/tf_compiled.py against the installed TF's
+// headers, or linked into a server (README, "TF Serving").
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <mutex>
 #include <string>
@@ -24,6 +37,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
 #include "fused_embedding_c_interface.h"
 
 namespace {
@@ -52,11 +66,11 @@ std::atomic<int> g_formats[kDataTypes];  // DataType -> the kernels' format code
 std::atomic<bool> g_poison_outputs{false};  // tests: fill each output before the kernel writes it
 std::atomic<float> g_poison_value{0.0f};
 std::mutex g_message_mutex;
-std::string g_bad_id_message;  // with {id}, {row}, {col} and {vocab} to fill in
+std::string g_bad_id_message = FUSED_EMBEDDING_OUT_OF_RANGE_MESSAGE;  // {id}, {row}, {col}, {vocab}
 std::atomic<BagLauncher> g_bag_launcher{nullptr};
-std::string g_bag_bad_id_message;  // with {id}, {position}, {bag} and {vocab}
-std::string g_order_message;       // sparse ids out of row order
-std::string g_row_message;         // with {row}, {position} and {batch}
+std::string g_bag_bad_id_message = FUSED_EMBEDDING_BAG_OUT_OF_RANGE_MESSAGE;  // {id}, {position}, {bag}, {vocab}
+std::string g_order_message = FUSED_EMBEDDING_CANONICAL_ORDER_MESSAGE;  // sparse ids out of row order
+std::string g_row_message = FUSED_EMBEDDING_ROW_OUTSIDE_MESSAGE;  // {row}, {position}, {batch}
 
 void Replace(std::string& text, const std::string& field, const std::string& value) {
   for (size_t at = text.find(field); at != std::string::npos; at = text.find(field, at + value.size())) {
@@ -112,10 +126,157 @@ void Poison(Tensor* out) {
   }
 }
 
+// --- The plain C++ loops: axis 2, the row means, and axis 1 / the bags where no launcher
+// was registered. Float32 accumulation, the table's dtype out, as the Numba kernels.
+
+template <typename T>
+inline float ToFloat(T value) { return static_cast<float>(value); }
+template <typename T>
+inline T FromFloat(float value) { return static_cast<T>(value); }
+
+// Calls work(begin, end) over [0, total) on TF's CPU thread pool, in shards of about
+// cost_per_unit bytes read per unit (TF sizes the shards from it).
+void ParallelFor(OpKernelContext* context, int64_t total, int64_t cost_per_unit,
+                 const std::function<void(int64_t, int64_t)>& work) {
+  const auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers->num_threads, workers->workers, total, std::max<int64_t>(cost_per_unit, 1), work);
+}
+
+// Shards run at once: the first bad position in row-major order is the smallest seen.
+void KeepFirst(std::atomic<int64_t>* first, int64_t position) {
+  int64_t seen = first->load();
+  while (position < seen && !first->compare_exchange_weak(seen, position)) {
+  }
+}
+
+// ids [B][L] -> out [B][D]: each bag's mean (mask_zero: over its non-zero ids; none: 0).
+// Returns the first flat position of an id outside [0, V), or B * L.
+template <typename T, typename Id>
+int64_t SequenceMean(OpKernelContext* context, const T* table, int64_t vocab, int64_t dim, const Id* ids,
+                     int64_t batch, int64_t length, bool mask_zero, T* out) {
+  std::atomic<int64_t> first_bad{batch * length};
+  ParallelFor(context, batch, length * dim * int64_t{sizeof(T)}, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      int64_t count = 0;
+      for (int64_t l = 0; l < length; ++l) {
+        const int64_t id = ids[b * length + l];
+        if (id < 0 || id >= vocab) {
+          KeepFirst(&first_bad, b * length + l);
+          continue;
+        }
+        if (mask_zero && id == FUSED_EMBEDDING_PADDING_ID) continue;
+        const T* row = table + id * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += ToFloat(row[d]);
+        ++count;
+      }
+      const float divisor = static_cast<float>(count);
+      for (int64_t d = 0; d < dim; ++d) out[b * dim + d] = FromFloat<T>(count > 0 ? acc[d] / divisor : 0.0f);
+    }
+  });
+  return first_bad.load();
+}
+
+// ids [B][L] -> out [B][L]: the mean of each id's row (mask_zero: 0 at padding).
+template <typename T, typename Id>
+int64_t RowMeansAtIds(OpKernelContext* context, const T* table, int64_t vocab, int64_t dim, const Id* ids,
+                      int64_t total, bool mask_zero, T* out) {
+  std::atomic<int64_t> first_bad{total};
+  ParallelFor(context, total, dim * int64_t{sizeof(T)}, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = ids[p];
+      if (id < 0 || id >= vocab) {
+        KeepFirst(&first_bad, p);
+        continue;
+      }
+      if (mask_zero && id == FUSED_EMBEDDING_PADDING_ID) {
+        out[p] = FromFloat<T>(0.0f);
+        continue;
+      }
+      const T* row = table + id * dim;
+      float sum = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sum += ToFloat(row[d]);
+      out[p] = FromFloat<T>(sum / static_cast<float>(dim));
+    }
+  });
+  return first_bad.load();
+}
+
+// ids [B][L] -> out [B][L]: means [V] (float32, a frozen table's row means) at each id.
+template <typename T, typename Id>
+int64_t MeansAtIds(const float* means, int64_t vocab, const Id* ids, int64_t total, bool mask_zero, T* out) {
+  for (int64_t p = 0; p < total; ++p) {  // B*L scalar reads: less than a thread hand-off
+    const int64_t id = ids[p];
+    if (id < 0 || id >= vocab) return p;
+    out[p] = FromFloat<T>(mask_zero && id == FUSED_EMBEDDING_PADDING_ID ? 0.0f : means[id]);
+  }
+  return total;
+}
+
+// CSR bags (values [N], offsets [B + 1], weights [N] or null) -> out [B][D], pooled as
+// tf.nn.embedding_lookup_sparse's combiners (a zero denominator gives zeros).
+template <typename T, typename Id>
+int64_t BagsPooled(OpKernelContext* context, const T* table, int64_t vocab, int64_t dim, const Id* values,
+                   int64_t total, const int64_t* offsets, int64_t batch, const float* weights, int pooling,
+                   T* out) {
+  std::atomic<int64_t> first_bad{total};
+  const int64_t ids_per_bag = batch > 0 ? total / batch + 1 : 1;
+  ParallelFor(context, batch, ids_per_bag * dim * int64_t{sizeof(T)}, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float term = 0.0f;
+      for (int64_t p = offsets[b]; p < offsets[b + 1]; ++p) {
+        const int64_t id = values[p];
+        if (id < 0 || id >= vocab) {
+          KeepFirst(&first_bad, p);
+          continue;
+        }
+        const float w = weights != nullptr ? weights[p] : 1.0f;
+        const T* row = table + id * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += w * ToFloat(row[d]);
+        term += pooling == FUSED_EMBEDDING_POOLING_SQRTN ? w * w : w;
+      }
+      const float divisor = pooling == FUSED_EMBEDDING_POOLING_MEAN    ? term
+                            : pooling == FUSED_EMBEDDING_POOLING_SQRTN ? std::sqrt(term)
+                                                                       : 1.0f;
+      for (int64_t d = 0; d < dim; ++d) out[b * dim + d] = FromFloat<T>(divisor != 0.0f ? acc[d] / divisor : 0.0f);
+    }
+  });
+  return first_bad.load();
+}
+
+// Calls fn(T{}, Id{}) with the C++ types of a table dtype and an id dtype.
+template <typename Fn>
+void ForTypes(DataType table_dtype, DataType id_dtype, Fn fn) {
+  auto with_id = [&](auto table_tag) {
+    if (id_dtype == tensorflow::DT_INT64) {
+      fn(table_tag, int64_t{});
+    } else {
+      fn(table_tag, int32_t{});
+    }
+  };
+  switch (table_dtype) {
+    case tensorflow::DT_HALF: with_id(Eigen::half{}); break;
+    case tensorflow::DT_BFLOAT16: with_id(tensorflow::bfloat16{}); break;
+    default: with_id(float{}); break;  // the op's T attribute allows these three only
+  }
+}
+
+int64_t IdAt(const Tensor& ids, int64_t position) {
+  return ids.dtype() == tensorflow::DT_INT32 ? int64_t{ids.flat<int32_t>()(position)}
+                                             : int64_t{ids.flat<int64_t>()(position)};
+}
+
 class FusedEmbeddingMeanOp : public OpKernel {
  public:
   explicit FusedEmbeddingMeanOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("mask_zero", &mask_zero_));
+    OP_REQUIRES_OK(context, context->GetAttr("axis", &axis_));
+    OP_REQUIRES(context, axis_ == 1 || axis_ == 2,
+                absl::InvalidArgumentError("FusedEmbeddingMean's axis must be 1 or 2, got " +
+                                           std::to_string(axis_)));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -133,28 +294,75 @@ class FusedEmbeddingMeanOp : public OpKernel {
     OP_REQUIRES(context, dim >= 1,
                 absl::InvalidArgumentError("table must have at least one column (D >= 1), got shape " +
                                            table.shape().DebugString()));
-    OP_REQUIRES_OK(context, CheckOutputFits(batch, dim, table.dtype()));
+    const int64_t cols = axis_ == 1 ? dim : length;  // out [B][D] or [B][L]
+    OP_REQUIRES_OK(context, CheckOutputFits(batch, cols, table.dtype()));
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, dim}), &out));
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, cols}), &out));
     if (out->NumElements() == 0) return;
 
     if (g_poison_outputs.load()) Poison(out);
 
     const Launcher launch = g_launcher.load();
     const int format = FormatOf(table.dtype());
-    OP_REQUIRES(context, launch != nullptr && format >= 0,
-                absl::FailedPreconditionError(
-                    "FusedEmbeddingMean: fused_embedding has not registered its kernels in "
-                    "this process (build the op through fused_embedding.tf.embedding_mean)"));
     const int64_t id_bytes = tensorflow::DataTypeSize(ids.dtype());
-    const int64_t first_bad = launch(table.data(), vocab, dim, format, ids.data(), id_bytes, batch,
-                                     length, mask_zero_, g_team_size.load(), g_serial_only.load(),
-                                     out->data());
+    int64_t first_bad = batch * length;
+    if (axis_ == 1 && launch != nullptr && format >= 0) {
+      first_bad = launch(table.data(), vocab, dim, format, ids.data(), id_bytes, batch, length, mask_zero_,
+                         g_team_size.load(), g_serial_only.load(), out->data());
+    } else {
+      ForTypes(table.dtype(), ids.dtype(), [&](auto table_tag, auto id_tag) {
+        using T = decltype(table_tag);
+        using Id = decltype(id_tag);
+        const T* rows = static_cast<const T*>(table.data());
+        const Id* at = static_cast<const Id*>(ids.data());
+        T* result = static_cast<T*>(out->data());
+        first_bad = axis_ == 1 ? SequenceMean(context, rows, vocab, dim, at, batch, length, mask_zero_, result)
+                               : RowMeansAtIds(context, rows, vocab, dim, at, batch * length, mask_zero_, result);
+      });
+    }
     if (first_bad < batch * length) {
-      const int64_t id = id_bytes == 4 ? int64_t{ids.flat<int32_t>()(first_bad)}
-                                       : int64_t{ids.flat<int64_t>()(first_bad)};
       context->SetStatus(absl::InvalidArgumentError(
-          BadIdMessage(id, first_bad / length, first_bad % length, vocab)));
+          BadIdMessage(IdAt(ids, first_bad), first_bad / length, first_bad % length, vocab)));
+    }
+  }
+
+ private:
+  bool mask_zero_ = false;
+  int axis_ = 1;
+};
+
+// FusedEmbeddingMeanOfRows: axis 2 on a frozen table, from its row means [V] float32
+// (computed when the graph was exported, stored in it as a constant) -> out [B][L] of T.
+class FusedEmbeddingMeanOfRowsOp : public OpKernel {
+ public:
+  explicit FusedEmbeddingMeanOfRowsOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("mask_zero", &mask_zero_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& means = context->input(0);
+    const Tensor& ids = context->input(1);
+    OP_REQUIRES(context, means.dims() == 1,
+                absl::InvalidArgumentError("row_means must be 1-D (V,), got shape " + means.shape().DebugString()));
+    OP_REQUIRES(context, ids.dims() == 2,
+                absl::InvalidArgumentError("ids must be 2-D (B, L), got shape " + ids.shape().DebugString()));
+    const int64_t vocab = means.dim_size(0), batch = ids.dim_size(0), length = ids.dim_size(1);
+    const DataType dtype = context->expected_output_dtype(0);
+    OP_REQUIRES_OK(context, CheckOutputFits(batch, length, dtype));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, length}), &out));
+    if (out->NumElements() == 0) return;
+    if (g_poison_outputs.load()) Poison(out);
+    int64_t first_bad = batch * length;
+    ForTypes(dtype, ids.dtype(), [&](auto table_tag, auto id_tag) {
+      using T = decltype(table_tag);
+      using Id = decltype(id_tag);
+      first_bad = MeansAtIds(means.flat<float>().data(), vocab, static_cast<const Id*>(ids.data()),
+                             batch * length, mask_zero_, static_cast<T*>(out->data()));
+    });
+    if (first_bad < batch * length) {
+      context->SetStatus(absl::InvalidArgumentError(
+          BadIdMessage(IdAt(ids, first_bad), first_bad / length, first_bad % length, vocab)));
     }
   }
 
@@ -304,14 +512,22 @@ class FusedEmbeddingBagOp : public OpKernel {
 
     const BagLauncher launch = g_bag_launcher.load();
     const int format = FormatOf(table.dtype());
-    OP_REQUIRES(context, launch != nullptr && format >= 0,
-                absl::FailedPreconditionError(
-                    "FusedEmbeddingBag: fused_embedding has not registered its kernels in this process "
-                    "(build the op through fused_embedding.tf.embedding_lookup_sparse)"));
     const int64_t id_bytes = wide ? 8 : 4;
-    const int64_t first_bad = launch(table.data(), vocab, dim, format, ids, id_bytes, kept_total, offsets.data(),
-                                     batch, kernel_weights, weighted_, pooling_, g_team_size.load(),
-                                     g_serial_only.load(), out->data());
+    int64_t first_bad = kept_total;
+    if (launch != nullptr && format >= 0) {
+      first_bad = launch(table.data(), vocab, dim, format, ids, id_bytes, kept_total, offsets.data(), batch,
+                         kernel_weights, weighted_, pooling_, g_team_size.load(), g_serial_only.load(),
+                         out->data());
+    } else {
+      ForTypes(table.dtype(), values.dtype(), [&](auto table_tag, auto id_tag) {
+        using T = decltype(table_tag);
+        using Id = decltype(id_tag);
+        first_bad = BagsPooled(context, static_cast<const T*>(table.data()), vocab, dim, static_cast<const Id*>(ids),
+                               kept_total, offsets.data(), batch,
+                               weighted_ ? static_cast<const float*>(kernel_weights) : nullptr, pooling_,
+                               static_cast<T*>(out->data()));
+      });
+    }
     if (first_bad < kept_total) {
       const int64_t id = wide ? static_cast<const int64_t*>(ids)[first_bad]
                               : int64_t{static_cast<const int32_t*>(ids)[first_bad]};
@@ -360,16 +576,37 @@ REGISTER_OP("FusedEmbeddingMean")
     .Attr("T: {float, half, bfloat16}")
     .Attr("Tid: {int32, int64}")
     .Attr("mask_zero: bool = false")
+    .Attr("axis: int = 1")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle table, ids;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &table));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &ids));
-      c->set_output(0, c->Matrix(c->Dim(ids, 0), c->Dim(table, 1)));
+      int axis = 1;
+      TF_RETURN_IF_ERROR(c->GetAttr("axis", &axis));
+      c->set_output(0, c->Matrix(c->Dim(ids, 0), axis == 1 ? c->Dim(table, 1) : c->Dim(ids, 1)));
       return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("FusedEmbeddingMean").Device(tensorflow::DEVICE_CPU),
                         FusedEmbeddingMeanOp);
+
+REGISTER_OP("FusedEmbeddingMeanOfRows")
+    .Input("row_means: float")
+    .Input("ids: Tid")
+    .Output("out: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("Tid: {int32, int64}")
+    .Attr("mask_zero: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle means, ids;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &means));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &ids));
+      c->set_output(0, c->input(1));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("FusedEmbeddingMeanOfRows").Device(tensorflow::DEVICE_CPU),
+                        FusedEmbeddingMeanOfRowsOp);
 
 extern "C" {
 
