@@ -90,9 +90,46 @@ op = tf.function(lambda t, i: fe_tf.embedding_mean(t, i))
 assert_close(op(tf.constant(table), tf.constant(ids)).numpy(), embedding_mean_reference(table, ids, 1),
              np.float32)
 from fused_embedding.backends import cpu_cfunc
-misses = {d.py_func.__qualname__: sum(d.stats.cache_misses.values()) for d, _ in build.kernel_signatures()}
-print(json.dumps(dict(misses=misses, launcher_hits=cpu_cfunc.launch_sequence_mean.cache_hits,
+plan = build.kernel_signatures()
+misses = {d.py_func.__qualname__: sum(d.stats.cache_misses.values()) for d, _ in plan}
+outside = {d.py_func.__qualname__: [str(sig) for sig in d.signatures if tuple(sig) not in set(sigs)]
+           for d, sigs in plan}
+print(json.dumps(dict(misses=misses, outside={k: v for k, v in outside.items() if v},
+                      launcher_hits=cpu_cfunc.launch_sequence_mean.cache_hits,
                       tf_op_reason=tf_compiled.unavailable_reason())))
+"""
+
+# ``fused-embedding build`` on a plan of a few signatures (the same loop builds every one):
+# the two dense entry points for a float32 table and int32 ids, both writable.
+SMALL_PLAN = """
+from fused_embedding import build
+from numba import types
+full = build.kernel_signatures
+def small_plan():
+    array = lambda dtype: types.Array(dtype, 2, "C")
+    wanted = (array(types.float32), array(types.int32))
+    return [(kernel, [sig for sig in sigs if sig[:2] == wanted]) for kernel, sigs in full()
+            if kernel.py_func.__name__.startswith("gather_mean_sequence")]
+build.kernel_signatures = small_plan
+"""
+
+# After the small build: the calls its plan covers, serial and parallel, in a fresh process.
+SMALL_PLAN_CALLS = """
+import json, sys
+import numpy as np
+import fused_embedding as fe
+from fused_embedding.kernels import cpu
+from fused_embedding.reference import embedding_mean_reference
+from fused_embedding.validation import assert_close, random_inputs
+rng = np.random.default_rng(int(sys.argv[1]))
+for batch, length in ((3, 5), (512, 64)):  # past launch.CPU_SERIAL_MAX_BYTES: the parallel one
+    table, ids = random_inputs(rng, 50, 16, batch, length, np.float32, np.int32)
+    assert_close(fe.embedding_mean(table, ids, backend="cpu"), embedding_mean_reference(table, ids, 1), np.float32)
+from fused_embedding.backends import cpu_cfunc
+kernels = (cpu.gather_mean_sequence, cpu.gather_mean_sequence_serial)
+print(json.dumps(dict(misses={k.py_func.__name__: sum(k.stats.cache_misses.values()) for k in kernels},
+                      hits={k.py_func.__name__: sum(k.stats.cache_hits.values()) for k in kernels},
+                      launcher_hits=cpu_cfunc.launch_sequence_mean.cache_hits)))
 """
 
 
@@ -153,12 +190,15 @@ def test_every_cpu_kernel_and_the_launcher_load_from_the_cache_without_a_target_
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(cache root, the build's stdout) of ``fused-embedding build --cache-dir`` run in a
-    fresh process on empty folders."""
+    fresh process on empty folders, on SMALL_PLAN (building every signature from empty
+    caches takes minutes; that the full plan covers every call is checked apart, on the
+    usual cache, by test_every_call_the_backend_makes_is_in_the_build_plan)."""
     root = tmp_path_factory.mktemp("build")
     env = dict(os.environ)
     for name in ("NUMBA_CACHE_DIR", "FUSED_EMBEDDING_CACHE_DIR", "FUSED_EMBEDDING_COMPILED_TF_OP"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "fused_embedding", "build", "--cache-dir", str(root)],
+    script = SMALL_PLAN + "\nfrom fused_embedding import cli\nraise SystemExit(cli.main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + script, "build", "--cache-dir", str(root)],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root, done.stdout
@@ -176,9 +216,21 @@ def test_build_says_where_it_wrote_and_what_a_deployment_sets(built):
 
 @pytest.mark.slow
 def test_after_build_a_fresh_process_compiles_nothing(built, rng):
-    root, _ = built
-    result, err = _run(WARM_SCRIPT, _env(root), int(rng.integers(2**31)))
-    assert result["misses"] == {name: 0 for name in result["misses"]}, result["misses"]
+    root, out = built
+    assert "Numba CPU kernels: 2 signatures of 2 entry points" in out, out
+    result, err = _run(SMALL_PLAN_CALLS, _env(root), int(rng.integers(2**31)))
+    assert result["misses"] == {name: 0 for name in result["misses"]}, result
+    assert all(hits >= 1 for hits in result["hits"].values()), result
     assert result["launcher_hits"] == 1, "the TF op's launcher was compiled, not loaded"
+    assert NOTICE not in err, err[-3000:]
+
+
+def test_every_call_the_backend_makes_is_in_the_build_plan(rng):
+    """Every kind of call (WARM_SCRIPT), in a fresh process on the usual caches: each
+    kernel signature it loaded or compiled is one the build compiles, and the TF op's
+    launcher and library load."""
+    env = dict(os.environ)
+    env.pop("FUSED_EMBEDDING_COMPILED_TF_OP", None)
+    result, _ = _run(WARM_SCRIPT, env, int(rng.integers(2**31)))
+    assert result["outside"] == {}, result["outside"]
     assert result["tf_op_reason"] is None
-    assert NOTICE not in err and TF_BUILD_WARNING not in err, err[-3000:]
