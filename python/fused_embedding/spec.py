@@ -61,7 +61,8 @@ class TableFormat(enum.Enum):
     data array of ``storage_dtype`` and float32 row parameters; read by the kernels
     as they are (dequantised as rows are summed), pooled and returned in float32.
     INT8_ROWWISE: uint8 (V, D), value = q * scale + bias (torch's
-    ``embedding_bag_byte_prepack``, FBGEMM's fused 8-bit row-wise, parameters apart).
+    ``embedding_bag_byte_prepack``, FBGEMM's fused 8-bit row-wise: each row's parameters after
+    its data).
     INT4_ROWWISE: uint8 (V, D / 2), two values a byte, column 2j in the low nibble
     of byte j, 2j + 1 in the high one; value = q * scale + bias.
     KERAS_INT8: Keras' ``Embedding.quantize("int8")``: int8 (V, D) ``embeddings`` and
