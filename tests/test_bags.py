@@ -12,7 +12,7 @@ import fused_embedding as fe
 from fused_embedding import bags
 from fused_embedding.reference import embedding_bag_reference, embedding_mean_reference
 from fused_embedding.validation import (assert_close_to_framework, bag_error_bound, compare, compare_bags,
-                                        exact_weights, poisoned)
+                                        exact_weights, poisoned, random_bags)
 from conftest import TABLE_DTYPES, backend_param
 
 COMBINERS = ["mean", "sum", "sqrtn"]
@@ -27,15 +27,6 @@ def offsets_of(lengths, dtype=np.int64):
 
 
 random_weights = exact_weights
-
-
-def random_bags(rng, vocab, dim, lengths, table_dtype=np.float32, id_dtype=np.int32, weighted=False):
-    """(table [V][D], values [N], offsets [B + 1] int64, weights [N] float32 or None)."""
-    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
-    offsets = offsets_of(lengths)
-    values = rng.integers(0, vocab, int(offsets[-1])).astype(id_dtype)
-    weights = random_weights(rng, values.shape[0]) if weighted else None
-    return table, values, offsets, weights
 
 
 def geometric_lengths(rng, batch, mean):

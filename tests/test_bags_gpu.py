@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import fused_embedding as fe
-from fused_embedding import conformance
+from fused_embedding import conformance, validation
 from fused_embedding.backends import gpu_staging
 from fused_embedding.spec import BoundsCheck, Pooling
-from fused_embedding.validation import compare_bags, exact_weights, poisoned
+from fused_embedding.validation import compare_bags, poisoned
 
 from test_gpu_simulator import device_skip_reason, requires_numba_cuda
 
@@ -23,16 +23,9 @@ def numba_cuda():
     return backends.get("numba-cuda")
 
 
-def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted, max_length=6):
-    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
-    lengths = rng.integers(0, max_length + 1, size=batch)
-    lengths[0] = 0  # an empty bag: zeros
-    lengths[-1] = max(lengths[-1], 1)  # and at least one bag with ids
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    values = rng.integers(0, vocab, size=int(offsets[-1])).astype(id_dtype)
-    # Multiples of 1/4, zeros and negatives among them: exact denominators (validation.exact_weights).
-    weights = exact_weights(rng, values.shape[0]) if weighted else None
-    return table, values, offsets, weights
+def random_bags(rng, vocab, dim, batch, table_dtype, id_dtype, weighted):
+    return validation.random_bags(rng, vocab, dim, validation.short_bag_lengths(rng, batch), table_dtype,
+                                  id_dtype, weighted)
 
 
 @pytest.mark.parametrize("table_dtype", conformance.TABLE_DTYPES, ids=lambda d: d.name)

@@ -174,6 +174,26 @@ def unwritten(out) -> np.ndarray:
     return out.view(bits) == poisoned((1,), out.dtype).view(bits)[0]
 
 
+def short_bag_lengths(rng, batch, max_length=6) -> np.ndarray:
+    """[B] bag lengths in [0, max_length], the first bag empty (it pools to zeros) and the
+    last one not, so every batch has both."""
+    lengths = rng.integers(0, max_length + 1, size=batch)
+    lengths[0] = 0
+    lengths[-1] = max(lengths[-1], 1)
+    return lengths
+
+
+def random_bags(rng, vocab, dim, lengths, table_dtype=np.float32, id_dtype=np.int32, weighted=False):
+    """Fresh random CSR bags of the given ``lengths`` [B]: (table [V][D] normal values,
+    values [N] uniform ids, offsets [B + 1] int64, weights [N] float32 from ``exact_weights``
+    or None)."""
+    table = rng.standard_normal((vocab, dim), dtype=np.float32).astype(table_dtype)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    values = rng.integers(0, vocab, int(offsets[-1])).astype(id_dtype)
+    weights = exact_weights(rng, values.shape[0]) if weighted else None
+    return table, values, offsets, weights
+
+
 def random_inputs(rng, vocab, dim, batch, length, table_dtype=np.float32, id_dtype=np.int32,
                   padding_fraction=0.0):
     """Fresh random (table [V][D], ids [B][L]) for validation: uniform ids, normal table values.
