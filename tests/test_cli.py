@@ -1,5 +1,6 @@
 """The ``fused-embedding`` command: arguments, the bytes model, the results files, a real quick run."""
 import json
+import re
 import subprocess
 import sys
 
@@ -285,6 +286,23 @@ def test_validate_fails_on_a_wrong_backend(capsys, monkeypatch):
     code, out, _ = run_main(["validate", "--device", "cpu", "--seed", "3"], capsys)
     assert code == 1
     assert "FAIL" in out and "elements differ" in out
+
+
+def test_validate_checks_bags_and_fails_on_a_wrong_bags_kernel(capsys, monkeypatch):
+    from fused_embedding import bags
+    correct = bags._launch_numpy
+
+    def off_by_a_little(table, values, offsets, weights, combiner, out, n_chunks):
+        correct(table, values, offsets, weights, combiner, out, n_chunks)
+        out[..., -1] += np.asarray(1e-2, dtype=out.dtype)
+
+    monkeypatch.setattr(bags, "_launch_numpy", off_by_a_little)
+    code, out, _ = run_main(["validate", "--device", "cpu", "--seed", "4"], capsys)
+    assert code == 1
+    for kind in ("fp32", "fp16", "bf16", "int8", "int4"):
+        assert re.search(rf"cpu +bags +{kind} +24 +PASS", out), out
+    assert re.search(r"numpy +bags +fp32 +24 +FAIL", out), out
+    assert "FAIL numpy bags fp32" in out
 
 
 def test_the_bench_validates_and_times_tf_providers_without_retracing_warnings(rng):

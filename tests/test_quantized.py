@@ -11,7 +11,8 @@ from fused_embedding import quantized
 from fused_embedding.bags import _embedding_bag
 from fused_embedding.reference import dequantized_rows, embedding_bag_reference, embedding_mean_reference
 from fused_embedding.spec import TableFormat
-from fused_embedding.validation import FLOAT32_UNIT_ROUNDOFF, compare, exact_weights, poisoned, summation_bound, unwritten
+from fused_embedding.validation import (FLOAT32_UNIT_ROUNDOFF, bag_error_bound, compare, exact_weights, poisoned,
+                                        quantized_term_sizes, unwritten)
 
 from conftest import ID_DTYPES
 
@@ -29,28 +30,10 @@ def make_table(rng, mode, vocab, dim):
     return fe.quantize_table(table, mode)
 
 
-def magnitude_table(qtable):
-    """float64 (V, D): per value, |q * scale| + |bias| (Keras: |q / scale|), the size of the
-    terms the kernels add (the scale-weighted q and the bias apart)."""
-    q = dequantized_rows(qtable, np.arange(qtable.shape[0])) if qtable.mode == "keras_int8" else None
-    if q is not None:
-        return np.abs(q)
-    scaled = dequantized_rows(qtable, np.arange(qtable.shape[0])) - qtable.biases.astype(np.float64)[:, None]
-    return np.abs(scaled) + np.abs(qtable.biases.astype(np.float64))[:, None]
-
-
 def bag_bound(qtable, values, offsets, weights, combiner):
-    """(B, D): a bound on a float32 bags result's error against the float64 reference.
-
-    Per bag of n ids the kernel adds n products (w scale) q, each with two roundings
-    (w * scale, then the multiply-add), and n products w * bias apart, then adds the two
-    sums and divides: at most (n + 4) u (sum |w| (|q scale| + |bias|)) / |denominator|
-    (u = 2^-24), with the denominators exact (``exact_weights`` or none), as
-    ``validation.bag_error_bound``; 0 where the denominator is 0 (both give zeros).
-    """
-    w = np.ones(values.shape[0], np.float32) if weights is None else weights
-    size = embedding_bag_reference(magnitude_table(qtable), values, offsets, np.abs(w), "sum")
-    return summation_bound(size, offsets, weights, combiner, extra_roundings=4)
+    """(B, D): the bound on a float32 bags result's error against the float64 reference
+    (``validation.bag_error_bound``: (n + 4) u sum |w| (|q scale| + |bias|) / |denominator|)."""
+    return bag_error_bound(qtable, values, offsets, weights, combiner)
 
 
 def dense_as_csr(ids, mask_zero):
@@ -222,7 +205,7 @@ def test_mean_embedding_axis(rng, backend, mode, mask_zero):
     quantized.embedding_mean(qtable, ids, 2, mask_zero, backend, out=out)
     # scale * (exact sum of q) / D + bias: three roundings of at most mean |q * scale| + |bias|
     # each, one of the sum; the float64 reference's own rounding is below that.
-    size = magnitude_table(qtable)[ids].mean(axis=2)
+    size = quantized_term_sizes(qtable)[ids].mean(axis=2)
     if qtable.biases is not None:
         size += np.abs(qtable.biases.astype(np.float64))[ids]
     bound = np.where(mask_zero & (ids == 0), 0.0, 4 * FLOAT32_UNIT_ROUNDOFF * size)

@@ -1271,6 +1271,57 @@ def _check_backend_reference(name, rng, simulator) -> list[dict]:
     return rows
 
 
+# CSR bags validated on each backend: (V, D, B, longest bag); the first bag is empty.
+VALIDATE_BAG_SHAPES = [(1000, 64, 40, 90), (30, 3, 9, 5)]
+SIMULATOR_BAG_SHAPES = [(30, 3, 5, 4)]
+
+
+def _check_backend_bags(name, rng, simulator) -> list[dict]:
+    """One row per table dtype: ``embedding_bag`` on CSR bags (an empty one among them) for
+    each combiner, with and without per-id weights, int32 and int64 ids, written into a
+    poisoned output and judged by the float32 summation bound (validation.compare_bags);
+    on the host backends, also int8 and int4 tables (``quantize_table``) against their
+    dequantised float64 reference."""
+    from .bags import _embedding_bag
+    from .providers import DTYPE_NAMES
+    from .quantized import QUANTIZED_BACKENDS, quantize_table
+    from .spec import Pooling
+    from .validation import compare_bags, poisoned, random_bags, short_bag_lengths, unwritten
+    shapes = SIMULATOR_BAG_SHAPES if simulator else VALIDATE_BAG_SHAPES
+    formats = list(DTYPE_NAMES.items()) + ([("int8", "int8"), ("int4", "int4")] if name in QUANTIZED_BACKENDS
+                                           else [])
+    rows = []
+    for label_key, kind in formats:
+        cases, failures = 0, []
+        for vocab, dim, batch, longest in shapes:
+            for id_dtype in (np.int32, np.int64):
+                for pooling in Pooling:
+                    for weighted in (False, True):
+                        cases += 1
+                        dim_here = dim + dim % 2 if kind == "int4" else dim  # int4 packs two a byte
+                        table_dtype = np.float32 if isinstance(kind, str) else kind
+                        table, values, offsets, weights = random_bags(
+                            rng, vocab, dim_here, short_bag_lengths(rng, batch, longest), table_dtype,
+                            id_dtype, weighted)
+                        if isinstance(kind, str):
+                            table = quantize_table(table, kind)
+                        label = (f"V={vocab} D={dim_here} B={batch} {np.dtype(id_dtype).name} {pooling.value}"
+                                 + (" weighted" if weighted else ""))
+                        try:
+                            out = poisoned((batch, dim_here), table.dtype)
+                            _embedding_bag(table, values, offsets, weights, pooling, name, out=out)
+                            if unwritten(out).any():
+                                report = "output elements left unwritten"
+                            else:
+                                report = compare_bags(out, table, values, offsets, weights, pooling.value)
+                        except Exception as exc:
+                            report = f"raised {type(exc).__name__}: {exc}"
+                        if report:
+                            failures.append(f"{label}: {report}")
+        rows.append(dict(backend=name, check="bags", dtype=label_key, cases=cases, failures=failures))
+    return rows
+
+
 def _check_backend_keras(name, rng, simulator) -> list[dict]:
     """One row per table dtype: the backend against Keras Embedding -> GlobalAveragePooling1D."""
     import keras
@@ -1329,6 +1380,7 @@ def run_validate(args, parser) -> int:
             continue
         sim = simulator and backends.device_of_backend(name) == "cuda"
         rows += _check_backend_reference(name, rng, sim)
+        rows += _check_backend_bags(name, rng, sim)
         if tf_reason is None:
             rows += _check_backend_keras(name, rng, sim)
     if tf_reason is not None:

@@ -86,12 +86,30 @@ def bag_error_bound(table, values, offsets, weights, combiner) -> np.ndarray:
     float64 reference. A sum of n products in float32, in any order, errs by at most
     (n + 1) u sum |w x| (u = 2^-24); divided by the denominator (exact for
     ``exact_weights`` and unweighted bags), plus one rounding of the quotient; 0 where
-    the denominator is 0 (both give zeros)."""
+    the denominator is 0 (both give zeros). A QuantizedTable: (n + 4) u sum |w| (|q scale|
+    + |bias|) over the denominator (``quantized_term_sizes``)."""
     from .reference import embedding_bag_reference
     w = np.ones(values.shape[0], np.float32) if weights is None else weights
-    magnitude = embedding_bag_reference(np.abs(np.asarray(table, np.float64)), values, offsets,
-                                        np.abs(w), "sum")
-    return summation_bound(magnitude, offsets, weights, combiner, extra_roundings=2)
+    if getattr(getattr(table, "format", None), "quantized", False):
+        # A quantized row adds (w scale) q with two roundings (w * scale, the multiply-add)
+        # and w * bias apart, then the two sums: terms of size |q scale| + |bias|.
+        sizes, extra = quantized_term_sizes(table), 4
+    else:
+        sizes, extra = np.abs(np.asarray(table, np.float64)), 2
+    magnitude = embedding_bag_reference(sizes, values, offsets, np.abs(w), "sum")
+    return summation_bound(magnitude, offsets, weights, combiner, extra_roundings=extra)
+
+
+def quantized_term_sizes(qtable) -> np.ndarray:
+    """float64 (V, D): per value of a QuantizedTable, |q * scale| + |bias| (Keras' layout:
+    |q / scale|), the size of the terms the kernels add (the scale-weighted q and the bias
+    apart)."""
+    from .reference import dequantized_rows
+    rows = dequantized_rows(qtable, np.arange(qtable.shape[0]))
+    if qtable.biases is None:
+        return np.abs(rows)
+    biases = qtable.biases.astype(np.float64)[:, None]
+    return np.abs(rows - biases) + np.abs(biases)
 
 
 def summation_bound(magnitude, offsets, weights, combiner, extra_roundings: int) -> np.ndarray:
