@@ -210,7 +210,8 @@ def make_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate", help="check every available backend against the float64 reference and Keras",
         description="Run every available backend on fresh random inputs (poisoned outputs, both "
-                    "axes, masks, float32/float16/bfloat16 tables, int32/int64 ids) against the "
+                    "axes, masks, float32/float16/bfloat16 tables, int32/int64 ids; CSR bags with each "
+                    "combiner and weights; int8/int4 tables on the host backends) against the "
                     "float64 reference and, when TensorFlow imports, against Keras. Prints a "
                     "pass/fail table; the exit status is 1 on any failure.")
     validate.add_argument("--device", choices=["cpu", "gpu", "all"], default="all",
