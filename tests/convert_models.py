@@ -60,7 +60,7 @@ def two_branch(out, rng):
 
 def gather_mean(out, rng):
     """tf.Module: raw tf.gather + tf.reduce_mean; a float16 variable table (axis 1, int32 ids;
-    axis 2, int64 ids) and a bfloat16 constant one."""
+    axis 2, int64 ids; a hand-written masked mean, divide_no_nan) and a bfloat16 constant one."""
     half = _table(rng, 400, 8, np.float16)
     brain = _table(rng, 250, 4, np.float32)
     brain_bf16 = tf.constant(brain, tf.bfloat16)
@@ -78,6 +78,12 @@ def gather_mean(out, rng):
         def features(self, ids):
             return {"pooled": tf.reduce_mean(tf.gather(self.table, ids), axis=-1)}
 
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name="ids")])
+        def masked(self, ids):
+            rows = tf.gather(self.table, ids)                                     # [B][L][D]
+            mask = tf.cast(tf.not_equal(ids, 0), rows.dtype)[..., None]           # [B][L][1]
+            return {"pooled": tf.math.divide_no_nan(tf.reduce_sum(rows * mask, 1), tf.reduce_sum(mask, 1))}
+
         @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.int32, name="ids")])
         def constant(self, ids):
             pooled = tf.reduce_mean(tf.gather(brain_bf16, ids), axis=[1])
@@ -85,7 +91,8 @@ def gather_mean(out, rng):
 
     module = GatherMean()
     tf.saved_model.save(module, os.path.join(out, "gather_mean"), signatures={
-        "serving_default": module.sequence, "features": module.features, "constant": module.constant})
+        "serving_default": module.sequence, "features": module.features, "masked": module.masked,
+        "constant": module.constant})
     np.savez(os.path.join(out, "gather_mean.npz"), half=half,
              brain=brain_bf16.numpy().astype(np.float32))
 
@@ -124,7 +131,7 @@ def nothing_to_fuse(out, rng):
 
 def left_alone(out, rng):
     """Gather-then-mean shapes that must not be fused: a mean over the batch axis, a gather with
-    batch_dims=1, and a gather whose rows also feed another output."""
+    batch_dims=1, a gather whose rows also feed another output, a mask whose padding id is 1."""
     table = _table(rng, 100, 4)
 
     class LeftAlone(tf.Module):
@@ -142,6 +149,12 @@ def left_alone(out, rng):
             return {"pooled": tf.reduce_mean(tf.gather(per_row, ids % 3, batch_dims=1), axis=1)}
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
+        def padding_one(self, ids):
+            rows = tf.gather(self.table, ids)
+            mask = tf.cast(tf.not_equal(ids, 1), rows.dtype)[..., None]
+            return {"pooled": tf.reduce_sum(rows * mask, 1) / tf.reduce_sum(mask, 1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
         def shared_rows(self, ids):
             rows = tf.gather(self.table, ids)
             return {"pooled": tf.reduce_mean(rows, axis=1), "first": rows[:, 0]}
@@ -149,7 +162,7 @@ def left_alone(out, rng):
     module = LeftAlone()
     tf.saved_model.save(module, os.path.join(out, "left_alone"), signatures={
         "serving_default": module.batch_mean, "batch_dims": module.batch_dims,
-        "shared_rows": module.shared_rows})
+        "shared_rows": module.shared_rows, "padding_one": module.padding_one})
     np.savez(os.path.join(out, "left_alone.npz"), table=table)
 
 
