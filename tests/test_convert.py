@@ -101,12 +101,18 @@ def test_matches_sparse_lookup_combiners(converted):
 # What was written
 
 
-def _graph_node_names(function):
+def _graph_nodes(function):
+    """(name, op type) of every node of a signature's graph and of the functions it calls."""
     graph_def = function.graph.as_graph_def()
-    names = [n.name for n in graph_def.node]
+    nodes = [(n.name, n.op) for n in graph_def.node]
     for f in graph_def.library.function:
-        names += [n.name for n in f.node_def]
-    return names
+        nodes += [(n.name, n.op) for n in f.node_def]
+    return nodes
+
+
+def _compiled_ops_available():
+    from fused_embedding import tf_compiled
+    return tf_compiled.op_module() is not None
 
 
 @pytest.mark.parametrize("name", FUSABLE)
@@ -126,7 +132,10 @@ def test_written_model_keeps_signatures_and_variables(converted, models, name):
             np.testing.assert_array_equal(v.numpy(), values[v.name])
         # The signature runs the package's op (its name scope), whatever its traced form.
         scope = "fused_embedding_lookup_sparse" if name == "sparse_lookup" else "fused_embedding_mean"
-        assert any(scope in n for n in _graph_node_names(new)), f"{key}: no {scope} in the written graph"
+        nodes = _graph_nodes(new)
+        assert any(scope in n for n, _ in nodes), f"{key}: no {scope} in the written graph"
+        if _compiled_ops_available():  # the default export form: the compiled ops
+            assert any(op.startswith("FusedEmbedding") for _, op in nodes), f"{key}: no FusedEmbedding* op"
     assert not any(p.name.startswith(".") for p in out.parent.iterdir()), "a staging directory was left"
 
 
@@ -266,6 +275,22 @@ def test_converted_models_match_originals_and_reference_in_a_fresh_process(conve
                 if report:
                     failures.append(f"{where} {key} against {what}: {report}")
     assert not failures, "\n".join(failures)
+
+
+def test_portable_conversion_writes_the_native_twin(models, tmp_path, rng):
+    """portable=True: no compiled op in the written graph (TF alone serves it), same outputs."""
+    tf_convert.convert_saved_model(models / "two_branch", tmp_path / "out", seed=TEST_SEED, portable=True)
+    original = tf.saved_model.load(str(models / "two_branch")).signatures["serve"]
+    written = tf.saved_model.load(str(tmp_path / "out")).signatures["serve"]
+    assert not any(op.startswith("FusedEmbedding") for _, op in _graph_nodes(written))
+    assert any("fused_embedding_mean" in n for n, _ in _graph_nodes(written))
+    inputs = dict(words=tf.constant(rng.integers(0, 300, (9, 4)), tf.int32),
+                  tags=tf.constant(rng.integers(0, 200, (9, 12)), tf.int64))
+    expected = original(**inputs)["output_0"].numpy()
+    base = tolerance(np.float32)  # of the element or of the largest output (the Dense's sums), as the check
+    report = compare(written(**inputs)["output_0"], expected, rtol=base["rtol"],
+                     atol=base["atol"] + base["rtol"] * np.abs(expected).max())
+    assert report is None, report
 
 
 # ---------------------------------------------------------------------------

@@ -9,9 +9,12 @@ is searched for the subgraphs below, and a new ``tf.function`` per signature re-
 the graph with ``tf.graph_util.import_graph_def``: the signature's inputs and captured
 variables mapped to the new function's, and each matched mean's output mapped to the
 package's op (``fused_embedding.tf.embedding_mean`` or the sparse drop-ins) computed
-from the same ids and table. The functions are traced for export (``native_ops()``), so
-what is written is the op's traced-for-export form: whatever ``fused_embedding.tf``
-writes into SavedModels, this module does not depend on it.
+from the same ids and table. The functions are traced by ``tf.saved_model.save`` itself
+(inside its save context), so what is written is the op's traced-for-export form,
+whatever ``fused_embedding.tf`` writes into SavedModels (today: the compiled
+``FusedEmbedding*`` ops, which a serving process loads with
+``fused_embedding.tf.load_ops()``; with ``portable=True``, under ``native_ops()``, the
+native twin that TF alone serves). This module does not depend on the op's internals.
 
 Matched (``Match.kind``):
 
@@ -52,6 +55,7 @@ the graph, means of a cast of the rows.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -778,7 +782,7 @@ def _check_dirs(in_dir, out_dir):
         raise ValueError("OUT_DIR is IN_DIR; expected another directory")
 
 
-def convert_saved_model(in_dir, out_dir, *, seed=None, report=None) -> Report:
+def convert_saved_model(in_dir, out_dir, *, seed=None, report=None, portable=False) -> Report:
     """Convert the SavedModel in ``in_dir``: fuse its gather-then-mean subgraphs, check every
     signature on random inputs against the original, write ``out_dir``.
 
@@ -788,6 +792,9 @@ def convert_saved_model(in_dir, out_dir, *, seed=None, report=None) -> Report:
         saved beside it first, then renamed into place).
       seed: seed for the check's random inputs (None: fresh).
       report: a callable taking one line of progress (e.g. ``print``), or None.
+      portable: write the op's native twin (``fused_embedding.tf.native_ops()``: gather +
+        mean, served by TF alone, unfused speed) instead of the default export form (the
+        compiled ops: a serving process calls ``fused_embedding.tf.load_ops()`` first).
 
     Returns:
       ``Report``: the matches, what was left and why, each signature's largest differences.
@@ -837,15 +844,16 @@ def convert_saved_model(in_dir, out_dir, *, seed=None, report=None) -> Report:
 
     module = tf.Module()
     module.original = loaded  # tracks the variables (and any other resource) the functions capture
-    exported = {}
-    with fused_tf.native_ops():  # the op's traced-for-export form
-        for key, signature in signatures.items():
-            exported[key] = (_make_function(signature).get_concrete_function() if signature.matches
-                             else loaded.signatures[key])
+    # tf.functions, not concrete functions: the save traces them in its save context, where
+    # the package's op writes its export form (a function traced here beforehand would hold
+    # the in-process form, which refuses to be saved).
+    exported = {key: _make_function(signature) if signature.matches else loaded.signatures[key]
+                for key, signature in signatures.items()}
     out_path = Path(out_dir).resolve()
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.converting-", dir=out_path.parent))
     try:
-        tf.saved_model.save(module, str(staging), signatures=exported)
+        with fused_tf.native_ops() if portable else contextlib.nullcontext():
+            tf.saved_model.save(module, str(staging), signatures=exported)
         reloaded = tf.saved_model.load(str(staging))
         checks = {}
         for key, signature in signatures.items():
