@@ -1,0 +1,137 @@
+"""``fused-embedding convert`` on a text-classifier-like Keras model: the converted ``serve`` vs the original's.
+
+    python benchmarks/bench_convert.py [--rounds 30] [--vocab 1000000] [--workdir DIR]
+
+The model: ``Embedding(V, D, mask_zero=True) -> GlobalAveragePooling1D -> Dense(4)``,
+exported by stock Keras in a fresh process (no fused_embedding there), converted by
+``python -m fused_embedding convert`` (its output printed), then both SavedModels are
+reloaded in this process (after ``fused_embedding.tf.load_ops()``) and their ``serve``
+signatures timed at B=1024, L=64, D=128, float32: one call of each per round, in a fresh
+random order each round, each round on the next of several id sets (10% padding, one real
+id per bag) so no call reuses the previous one's cached rows. Prints medians (p20/p80) and
+the ratio, with the machine, date and load, as a markdown block for RESULTS.md.
+
+Bytes per call (the pooling's, fused_embedding.bytes_model): ids B*L*4 + rows B*L*D*4 + out B*D*4.
+Memory: the 512 MB table in the original and the converted model (two copies), plus the
+converter's own loads while it checks (transient).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXPORT = """
+import os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np, keras
+vocab, dim, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+x = keras.layers.Embedding(vocab, dim, mask_zero=True, name="embedding")(ids)
+x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+model = keras.Model(ids, keras.layers.Dense(4, name="logits")(x))
+rng = np.random.default_rng(0)
+model.get_layer("embedding").set_weights([rng.standard_normal((vocab, dim), dtype=np.float32)])
+model.export(out, verbose=False)
+assert "fused_embedding" not in sys.modules
+"""
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--id-sets", type=int, default=8)
+    parser.add_argument("--workdir", help="where the two SavedModels go (default: a temporary folder, removed)")
+    args = parser.parse_args(argv)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert-"))
+    original_dir, converted_dir = work / "original", work / "converted"
+    try:
+        started = time.perf_counter()
+        if not original_dir.exists():
+            subprocess.run([sys.executable, "-c", textwrap.dedent(EXPORT), str(args.vocab), str(args.dim),
+                            str(original_dir)], check=True, env=env)
+        exported = time.perf_counter()
+        if converted_dir.exists():
+            shutil.rmtree(converted_dir)
+        result = subprocess.run([sys.executable, "-m", "fused_embedding", "convert", str(original_dir),
+                                 str(converted_dir), "--seed", "0"], env=env, capture_output=True, text=True)
+        print(result.stdout, end="")
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return result.returncode
+        converted_at = time.perf_counter()
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        import fused_embedding.tf as fused_tf
+        if hasattr(fused_tf, "load_ops"):
+            fused_tf.load_ops()
+        paths = {"original serve": tf.saved_model.load(str(original_dir)).signatures["serve"],
+                 "converted serve": tf.saved_model.load(str(converted_dir)).signatures["serve"]}
+        rng = np.random.default_rng(1)
+        id_sets = []
+        for _ in range(args.id_sets):
+            ids = rng.integers(1, args.vocab, (args.batch, args.length))
+            ids[:, 1:][rng.random((args.batch, args.length - 1)) < 0.1] = 0  # padding; position 0 real
+            id_sets.append(tf.constant(ids.astype(np.int32)))
+        for fn in paths.values():  # first calls (graph set-up) untimed
+            fn(ids=id_sets[0])["output_0"].numpy()
+        times = {name: [] for name in paths}
+        for r in range(args.rounds):
+            ids = id_sets[r % len(id_sets)]
+            for name in rng.permutation(list(paths)):
+                t0 = time.perf_counter()
+                paths[name](ids=ids)["output_0"].numpy()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        load = os.getloadavg()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    bytes_per_call = args.batch * args.length * 4 + args.batch * args.length * args.dim * 4 + args.batch * args.dim * 4
+    print(f"\n### convert: text classifier serve, B={args.batch} L={args.length} D={args.dim} V={args.vocab:,} float32\n")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, "
+          f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.rounds} interleaved rounds, "
+          f"{args.id_sets} rotating id sets; export {exported - started:.0f} s, convert {converted_at - exported:.0f} s\n")
+    print("| path | median ms | p20-p80 ms | GB/s (pooling bytes) |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=5)
+        medians[name] = statistics.median(values)
+        print(f"| {name} | {medians[name]:.2f} | {q[0]:.2f}-{q[3]:.2f} | {bytes_per_call / medians[name] / 1e6:.1f} |")
+    ratio = medians["original serve"] / medians["converted serve"]
+    print(f"\nconverted / original speedup (medians): {ratio:.2f}x (goal >= 3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
