@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,12 +29,15 @@ import textwrap
 import time
 from pathlib import Path
 
+from fused_embedding.cli import cpu_model  # the machine's name, as the bench prints it
+
 import numpy as np
 
 EXPORT = """
 import os, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np, keras
+
 vocab, dim, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 ids = keras.Input(shape=(None,), dtype="int32", name="ids")
 x = keras.layers.Embedding(vocab, dim, mask_zero=True, name="embedding")(ids)
@@ -46,17 +48,6 @@ model.get_layer("embedding").set_weights([rng.standard_normal((vocab, dim), dtyp
 model.export(out, verbose=False)
 assert "fused_embedding" not in sys.modules
 """
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:
@@ -118,7 +109,7 @@ def main(argv=None) -> int:
 
     bytes_per_call = args.batch * args.length * 4 + args.batch * args.length * args.dim * 4 + args.batch * args.dim * 4
     print(f"\n### convert: text classifier serve, B={args.batch} L={args.length} D={args.dim} V={args.vocab:,} float32\n")
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, "
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} cores, "
           f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.rounds} interleaved rounds, "
           f"{args.id_sets} rotating id sets; export {exported - started:.0f} s, convert {converted_at - exported:.0f} s\n")
     print("| path | median ms | p20-p80 ms | GB/s (pooling bytes) |")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -1294,31 +1295,26 @@ def _check_backend_bags(name, rng, simulator) -> list[dict]:
     rows = []
     for label_key, kind in formats:
         cases, failures = 0, []
-        for vocab, dim, batch, longest in shapes:
-            for id_dtype in (np.int32, np.int64):
-                for pooling in Pooling:
-                    for weighted in (False, True):
-                        cases += 1
-                        dim_here = dim + dim % 2 if kind == "int4" else dim  # int4 packs two a byte
-                        table_dtype = np.float32 if isinstance(kind, str) else kind
-                        table, values, offsets, weights = random_bags(
-                            rng, vocab, dim_here, short_bag_lengths(rng, batch, longest), table_dtype,
-                            id_dtype, weighted)
-                        if isinstance(kind, str):
-                            table = quantize_table(table, kind)
-                        label = (f"V={vocab} D={dim_here} B={batch} {np.dtype(id_dtype).name} {pooling.value}"
-                                 + (" weighted" if weighted else ""))
-                        try:
-                            out = poisoned((batch, dim_here), table.dtype)
-                            _embedding_bag(table, values, offsets, weights, pooling, name, out=out)
-                            if unwritten(out).any():
-                                report = "output elements left unwritten"
-                            else:
-                                report = compare_bags(out, table, values, offsets, weights, pooling.value)
-                        except Exception as exc:
-                            report = f"raised {type(exc).__name__}: {exc}"
-                        if report:
-                            failures.append(f"{label}: {report}")
+        for (vocab, dim, batch, longest), id_dtype, pooling, weighted in itertools.product(
+                shapes, (np.int32, np.int64), Pooling, (False, True)):
+            cases += 1
+            dim_here = dim + dim % 2 if kind == "int4" else dim  # int4 packs two a byte
+            table_dtype = np.float32 if isinstance(kind, str) else kind
+            table, values, offsets, weights = random_bags(
+                rng, vocab, dim_here, short_bag_lengths(rng, batch, longest), table_dtype, id_dtype, weighted)
+            if isinstance(kind, str):
+                table = quantize_table(table, kind)
+            label = (f"V={vocab} D={dim_here} B={batch} {np.dtype(id_dtype).name} {pooling.value}"
+                     + (" weighted" if weighted else ""))
+            try:
+                out = poisoned((batch, dim_here), table.dtype)
+                _embedding_bag(table, values, offsets, weights, pooling, name, out=out)
+                report = ("output elements left unwritten" if unwritten(out).any()
+                          else compare_bags(out, table, values, offsets, weights, pooling.value))
+            except Exception as exc:
+                report = f"raised {type(exc).__name__}: {exc}"
+            if report:
+                failures.append(f"{label}: {report}")
         rows.append(dict(backend=name, check="bags", dtype=label_key, cases=cases, failures=failures))
     return rows
 
