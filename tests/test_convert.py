@@ -278,8 +278,10 @@ def test_converted_models_match_originals_and_reference_in_a_fresh_process(conve
 
 
 def test_portable_conversion_writes_the_native_twin(models, tmp_path, rng):
-    """portable=True: no compiled op in the written graph (TF alone serves it), same outputs."""
-    tf_convert.convert_saved_model(models / "two_branch", tmp_path / "out", seed=TEST_SEED, portable=True)
+    """portable=True: no compiled op in the written graph (TF alone serves it), same outputs.
+    Called by its public name, fused_embedding.tf.convert_saved_model."""
+    import fused_embedding.tf as fused_tf
+    fused_tf.convert_saved_model(models / "two_branch", tmp_path / "out", seed=TEST_SEED, portable=True)
     original = tf.saved_model.load(str(models / "two_branch")).signatures["serve"]
     written = tf.saved_model.load(str(tmp_path / "out")).signatures["serve"]
     assert not any(op.startswith("FusedEmbedding") for _, op in _graph_nodes(written))
@@ -298,9 +300,10 @@ def test_portable_conversion_writes_the_native_twin(models, tmp_path, rng):
 
 
 def test_nothing_to_fuse_writes_nothing(models, tmp_path):
+    import fused_embedding.tf as fused_tf
     lines = []
-    with pytest.raises(tf_convert.NothingToFuse, match="nothing to fuse"):
-        tf_convert.convert_saved_model(models / "nothing_to_fuse", tmp_path / "out", report=lines.append)
+    with pytest.raises(fused_tf.NothingToFuse, match="nothing to fuse"):
+        fused_tf.convert_saved_model(models / "nothing_to_fuse", tmp_path / "out", report=lines.append)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert lines == []
 

@@ -30,6 +30,11 @@ that loads with TF alone. A graph traced with a Python body (numpy_function,
 py_function: axis 2 in process, a GPU graph) lives in this process only and refuses
 to be saved, at save time, with a message naming the fix; one traced with the
 compiled kernel saves as it is.
+
+Conversion. ``convert_saved_model(in_dir, out_dir)`` (``fused-embedding convert``,
+tf_convert.py) rewrites a SavedModel written without this package: its gather-then-mean
+subgraphs become this module's op, every signature checked against the original before
+anything is written.
 """
 from __future__ import annotations
 
@@ -518,3 +523,7 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
 
 # TF's sparse lookups, fused (tf_bags.py, which reads this module's checks and forms).
 from .tf_bags import embedding_lookup_sparse, safe_embedding_lookup_sparse  # noqa: E402,F401
+
+# SavedModels from elsewhere, their gather-then-mean subgraphs fused (tf_convert.py, which
+# reads this module only inside the call).
+from .tf_convert import CheckFailed, NothingToFuse, convert_saved_model  # noqa: E402,F401
