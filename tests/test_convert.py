@@ -380,3 +380,15 @@ def test_cli_convert_output_and_exit_statuses(models, tmp_path):
     assert "checked serve: output_0 max |diff|" in first and "wrote " in first
     assert "nothing to fuse" in result.stderr and "nothing written" in result.stderr
     assert (tmp_path / "a" / "saved_model.pb").is_file() and not (tmp_path / "b").exists()
+
+
+def test_cli_portable_writes_the_native_twin(models, tmp_path, capsys):
+    """``convert --portable``: written, and no compiled op in the graph."""
+    status, out, err = _cli(["convert", str(models / "gather_mean"), str(tmp_path / "out"), "--portable",
+                             "--seed", str(TEST_SEED % 2**31)], capsys)
+    assert status == 0, out + err
+    assert "wrote " in out
+    written = tf.saved_model.load(str(tmp_path / "out"))
+    for key, fn in written.signatures.items():
+        ops = [op for _, op in _graph_nodes(fn)]
+        assert not any(op.startswith("FusedEmbedding") for op in ops), (key, ops)

@@ -243,6 +243,9 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("in_dir", metavar="IN_DIR", help="the SavedModel to convert")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="where to write the converted SavedModel")
     convert.add_argument("--seed", type=int, help="seed for the random check inputs (default: fresh)")
+    convert.add_argument("--portable", action="store_true",
+                         help="write the op's native twin (TF alone serves it, unfused speed) instead of the "
+                              "compiled fused ops (a server calls fused_embedding.tf.load_ops() first)")
     convert.set_defaults(run=run_convert, subparser=convert)
     return parser
 

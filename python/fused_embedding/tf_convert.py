@@ -1,7 +1,7 @@
 """``fused-embedding convert``: SavedModels from elsewhere, their gather-then-mean subgraphs fused.
 
-    fused-embedding convert IN_DIR OUT_DIR [--seed N]
-    fused_embedding.tf_convert.convert_saved_model(in_dir, out_dir, seed=None)
+    fused-embedding convert IN_DIR OUT_DIR [--seed N] [--portable]
+    fused_embedding.tf.convert_saved_model(in_dir, out_dir, seed=None, portable=False)
 
 Works as TF-TRT's ``TrtGraphConverterV2`` does: each signature of the SavedModel is
 flattened (Grappler's function inlining, as TF-TRT's converter runs it), the flat graph
@@ -875,14 +875,15 @@ def convert_saved_model(in_dir, out_dir, *, seed=None, report=None, portable=Fal
 
 
 def run_convert_command(args, parser) -> int:
-    """``fused-embedding convert IN_DIR OUT_DIR [--seed N]``: see the module docstring for
-    the exit statuses."""
+    """``fused-embedding convert IN_DIR OUT_DIR [--seed N] [--portable]``: see the module
+    docstring for the exit statuses."""
     try:
         _check_dirs(args.in_dir, args.out_dir)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     try:
-        convert_saved_model(args.in_dir, args.out_dir, seed=args.seed, report=lambda line: print(line, flush=True))
+        convert_saved_model(args.in_dir, args.out_dir, seed=args.seed, portable=args.portable,
+                            report=lambda line: print(line, flush=True))
     except ConversionError as exc:
         print(f"fused-embedding convert: {exc}", file=sys.stderr)
         return exc.exit_status
