@@ -1,9 +1,10 @@
 """Served SavedModels of a text-classifier-like Keras model, four forms timed in one run.
 
-    python benchmarks/bench_saved_models.py [--rounds 30] [--vocab 1000000] [--workdir DIR]
+    python benchmarks/bench_saved_models.py [--rounds 30] [--vocab 1000000] [--no-mask] [--workdir DIR]
 
-The model: ``Embedding(V, D, mask_zero=True) -> GlobalAveragePooling1D -> Dense(4)``, the
-same weights in every form, each exported in its own fresh process:
+The model: ``Embedding(V, D, mask_zero=True) -> GlobalAveragePooling1D -> Dense(4)`` (with
+``--no-mask``: ``mask_zero=False``, the ids' zeros then an ordinary row), the same weights in
+every form, each exported in its own fresh process:
 
 - ``keras export``: stock Keras' ``model.export`` (no fused_embedding in that process);
 - ``converted``: that SavedModel rewritten by ``python -m fused_embedding convert`` (its
@@ -47,9 +48,9 @@ import os, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np, keras
 
-vocab, dim, form, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+vocab, dim, mask_zero, form, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], sys.argv[5]
 ids = keras.Input(shape=(None,), dtype="int32", name="ids")
-x = keras.layers.Embedding(vocab, dim, mask_zero=True, name="embedding")(ids)
+x = keras.layers.Embedding(vocab, dim, mask_zero=mask_zero, name="embedding")(ids)
 x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
 model = keras.Model(ids, keras.layers.Dense(4, name="logits")(x))
 rng = np.random.default_rng(0)
@@ -84,8 +85,10 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--id-sets", type=int, default=8)
+    parser.add_argument("--no-mask", action="store_true", help="Embedding(mask_zero=False)")
     parser.add_argument("--workdir", help="where the SavedModels go (default: a temporary folder, removed); "
-                        "exports already there are reused, the converter always reruns")
+                        "exports already there are reused (keep one folder per --no-mask setting), "
+                        "the converter always reruns")
     args = parser.parse_args(argv)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_saved_models-"))
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
                     return result.returncode
             elif not folders[name].exists():
                 subprocess.run([sys.executable, "-c", textwrap.dedent(EXPORT), str(args.vocab), str(args.dim),
-                                form, str(folders[name])], check=True, env=env)
+                                "0" if args.no_mask else "1", form, str(folders[name])], check=True, env=env)
             seconds[name] = time.perf_counter() - started
 
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
 
     bytes_per_call = args.batch * args.length * 4 + args.batch * args.length * args.dim * 4 + args.batch * args.dim * 4
     print(f"\n### SavedModels: text classifier serve, B={args.batch} L={args.length} D={args.dim} "
-          f"V={args.vocab:,} float32, mask_zero\n")
+          f"V={args.vocab:,} float32, mask_zero={not args.no_mask}\n")
     made = ", ".join(f"{name} {seconds[name]:.0f} s" for name in seconds)
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} cores, "
           f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.rounds} interleaved rounds, "
