@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from . import tf as fused_tf
+from . import tf_sharded
 
 log = logging.getLogger("fused_embedding")
 
@@ -40,10 +41,37 @@ def _read_in_place(variable):
     layer's own ``autocast`` says), which for a table means copying all of it per
     call; the backing tf.Variable (same handle, so gradients still reach it) is read
     as it is instead, and only the small output is cast.
+
+    A row-sharded table (the ShardedVariable a ``ParameterServerStrategy`` with a
+    ``variable_partitioner`` makes) is passed as it is, so that each shard pools its own
+    rows where it lives (``tf_sharded``); Keras' ``variable.value`` would cast, and so
+    concatenate, all of it in one place.
     """
     import tensorflow as tf
     backing = getattr(variable, "_value", None)
-    return backing if isinstance(backing, tf.Variable) else variable.value
+    if isinstance(backing, tf.Variable) or tf_sharded.is_sharded(backing):
+        return backing
+    return variable.value
+
+
+def tape_variables(variables) -> list:
+    """The tf.Variables a ``tf.GradientTape`` takes gradients for, for Keras ``variables``:
+    each shard of a sharded one (in order), else the backing tf.Variable.
+
+    Under ``ParameterServerStrategy`` Keras 3 gives the tape a ShardedVariable's
+    ``.handle``, which it has not (AttributeError); the shards themselves are what the
+    fused layer reads, and each gets its own IndexedSlices, as ``tf.nn.embedding_lookup``
+    gives them. Apply them per shard (``shard.scatter_sub``, ...) in a custom loop.
+    """
+    import tensorflow as tf
+    out = []
+    for variable in variables:
+        backing = getattr(variable, "_value", variable)
+        if tf_sharded.is_sharded(backing):
+            out.extend(backing.variables if hasattr(backing, "variables") else backing)
+        else:
+            out.append(backing if isinstance(backing, tf.Variable) else variable)
+    return out
 
 
 class _TableLayer(keras.layers.Layer):
