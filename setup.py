@@ -20,9 +20,10 @@ setup(
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["numba-cuda>=0.30", "cupy-cuda13x"],  # CuPy built for CUDA 13
         "bench": ["matplotlib", "tqdm", "psutil"],
-        # keras-rs: its EmbedReduce is what the fused EmbeddingBag is tested against.
+        # keras-rs: its EmbedReduce is what the fused EmbeddingBag is tested against;
+        # portpicker: free localhost ports for the in-process ParameterServerStrategy cluster.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numba-cuda>=0.30", "psutil",
-                 "matplotlib", "tqdm", "keras-rs"],
+                 "matplotlib", "tqdm", "keras-rs", "portpicker"],
     },
     entry_points={"console_scripts": ["fused-embedding=fused_embedding.cli:main"]},
 )
