@@ -83,10 +83,11 @@ def _store_means(out, b, acc, count, fmt):
 def _gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out):
     """out[b, :] = mean of table[ids[b, l], :] over the counted positions l.  [B][D]
 
-    Columns go in passes of 128 and then 16 with the accumulators in vector
-    registers (kernels/cpu_rows.py); the first pass prefetches the rows
-    rows_ahead ahead (launch.cpu_rows_ahead). The last D % 16 columns, or all of a
-    table that is not C-contiguous, take a scalar pass. ids must be C-contiguous.
+    Columns go in vector passes with the accumulators in vector registers
+    (kernels/cpu_rows.py: 128 columns a pass, the last pass's last vector masked
+    where D is not a multiple of 16), each pass prefetching its columns of the rows
+    rows_ahead ahead (launch.cpu_rows_ahead). A table that is not C-contiguous takes
+    a scalar pass instead. ids must be C-contiguous.
     """
     batch, length = ids.shape
     vocab, dim = table.shape

@@ -269,8 +269,9 @@ def _sum_ids(table, values, weights, weighted, combiner, lo, hi, fmt, rows_ahead
     Returns the portion's part of the combiner's denominator: sum of w (mean), of w^2
     (sqrtn), 0 (sum). Rows values[p + rows_ahead] are prefetched while row p is summed,
     up to position ``stop`` (the chunk's end). Unweighted rows go through the vector
-    passes of kernels/cpu_rows.py, weighted rows through their twin here
-    (weighted_vector_columns); the last D % 16 columns take a scalar loop over the columns.
+    passes of kernels/cpu_rows.py (all D columns, the last vector masked), weighted rows
+    through their twin here (weighted_vector_columns), whose last D % 16 columns take a
+    scalar loop over the columns.
     """
     dim = table.shape[1]
     if weighted:

@@ -9,7 +9,12 @@ row, the lines of the same columns of the row a fixed distance ahead prefetched
 in the same iteration (and the line of its last byte, for tables not aligned to
 64 bytes) (a fixed, unrolled count: a loop over a run-time count of
 lines cost more than the prefetch saved on narrow rows), and one store of the
-sums when the bag ends. Measured in benchmarks/NOTES.md.
+sums when the bag ends. A row whose length is not a multiple of 16 ends in a
+masked vector (``llvm.masked.load``: the lanes past the row are neither read nor
+faulted on) in the same pass as its last whole vectors, so each row's lines are
+read once while they are in cache; a separate scalar pass over the last D % 16
+columns of every row made D=24 and D=40 1.5-2.6x slower than torch. Measured in
+benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
@@ -37,10 +42,12 @@ def _widen(builder, raw, elem_type, fmt: int):
     return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES)), vec_f32)
 
 
-def _make_sum_rows(n_vectors: int, fmt: int):
+def _make_sum_rows(n_vectors: int, fmt: int, masked_last: bool):
     @intrinsic
-    def sum_rows(typingctx, table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc):
-        """acc[col:col + 16*n] = sum over k < count of table[rows[k], col:col + 16*n] (float32).
+    def sum_rows(typingctx, table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc):
+        """acc[col:col + w] = sum over k < count of table[rows[k], col:col + w] (float32),
+        w = 16*n, or 16*(n - 1) + last_lanes when masked_last (last_lanes in 1..15, the
+        columns the last, masked vector holds; ignored otherwise).
 
         While summing row k, prefetches the same columns of row
         ahead_ids[ahead_start + k] if ahead_start + k < ahead_stop: every pass
@@ -51,8 +58,8 @@ def _make_sum_rows(n_vectors: int, fmt: int):
             return None
 
         def codegen(context, builder, sig, args):
-            (table_v, rows_v, count_v, col_v, ahead_v, start_v, stop_v, acc_v) = args
-            (table_t, rows_t, count_t, col_t, ahead_t, start_t, stop_t, acc_t) = sig.args
+            (table_v, rows_v, count_v, col_v, lanes_v, ahead_v, start_v, stop_v, acc_v) = args
+            (table_t, rows_t, count_t, col_t, lanes_t, ahead_t, start_t, stop_t, acc_t) = sig.args
             i64 = ir.IntType(64)
             i8p = ir.IntType(8).as_pointer()
 
@@ -77,6 +84,30 @@ def _make_sum_rows(n_vectors: int, fmt: int):
                 "llvm.prefetch.p0")
 
             i32 = ir.IntType(32)
+            i1 = ir.IntType(1)
+            last = n_vectors - 1
+            vec_bytes = LANES * item
+            if masked_last:
+                # Lanes below last_lanes, computed once (a k-register on AVX-512).
+                lanes_i = as_i64(lanes_v, lanes_t)
+                splat = builder.insert_element(ir.Constant(ir.VectorType(i64, LANES), None), lanes_i,
+                                               ir.Constant(i32, 0))
+                splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+                mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, LANES), list(range(LANES))),
+                                             splat)
+                suffix = "v16f32" if isinstance(elem_type, ir.FloatType) else f"v16i{elem_type.width}"
+                mask_t = ir.VectorType(i1, LANES)
+                masked_load = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(vec_raw, [vec_raw.as_pointer(), i32, mask_t, vec_raw]),
+                    f"llvm.masked.load.{suffix}.p0")
+                masked_store = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [vec_f32, vec_f32.as_pointer(), i32, mask_t]),
+                    "llvm.masked.store.v16f32.p0")
+                # The block's last byte, for the straddle prefetch below.
+                last_byte = builder.sub(builder.mul(builder.add(ir.Constant(i64, last * LANES), lanes_i),
+                                                    ir.Constant(i64, item)), ir.Constant(i64, 1))
+            else:
+                last_byte = ir.Constant(i64, n_vectors * vec_bytes - 1)
 
             def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
                 builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
@@ -117,7 +148,11 @@ def _make_sum_rows(n_vectors: int, fmt: int):
             for v in range(n_vectors):
                 ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES * item)]),
                                       vec_raw.as_pointer())
-                raw = builder.load(ptr, align=item)
+                if masked_last and v == last:  # the lanes past the row stay 0
+                    raw = builder.call(masked_load, [ptr, ir.Constant(i32, item), mask,
+                                                     ir.Constant(vec_raw, None)])
+                else:
+                    raw = builder.load(ptr, align=item)
                 new_accs.append(builder.fadd(accs[v], _widen(builder, raw, elem_type, fmt)))
             ahead_pos = builder.add(start_i, k)
             builder.cbranch(builder.icmp_signed("<", ahead_pos, stop_i), prefetch_bb, after_prefetch)
@@ -125,13 +160,15 @@ def _make_sum_rows(n_vectors: int, fmt: int):
             builder.position_at_end(prefetch_bb)
             ahead_row = as_i64(builder.load(builder.gep(ahead_a.data, [ahead_pos])), ahead_t.dtype)
             ahead_ptr = builder.gep(base, [builder.add(builder.mul(ahead_row, row_stride), col_bytes)])
-            pass_bytes = n_vectors * LANES * item
-            for offset in range(0, pass_bytes, CACHE_LINE_BYTES):
+            # A line per 64 bytes of n whole vectors: for a masked block each of these
+            # holds some of its columns, and its last line is the straddle prefetch's.
+            for offset in range(0, n_vectors * vec_bytes, CACHE_LINE_BYTES):
                 prefetch_at(ahead_ptr, offset)
             builder.cbranch(blocks_straddle, prefetch_tail_bb, after_prefetch)
 
             builder.position_at_end(prefetch_tail_bb)
-            prefetch_at(ahead_ptr, pass_bytes - 1)
+            builder.call(pf_fn, [builder.gep(ahead_ptr, [last_byte]), ir.Constant(i32, 0),
+                                 ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
             builder.branch(after_prefetch)
 
             builder.position_at_end(after_prefetch)
@@ -145,48 +182,76 @@ def _make_sum_rows(n_vectors: int, fmt: int):
             acc_base = builder.bitcast(acc_a.data, i8p)
             acc_col = builder.mul(as_i64(col_v, col_t), ir.Constant(i64, 4))
             for v in range(n_vectors):
-                ptr = builder.gep(acc_base, [builder.add(acc_col, ir.Constant(i64, v * LANES * 4))])
-                builder.store(accs[v], builder.bitcast(ptr, vec_f32.as_pointer()), align=4)
+                ptr = builder.bitcast(builder.gep(acc_base, [builder.add(acc_col, ir.Constant(i64, v * LANES * 4))]),
+                                      vec_f32.as_pointer())
+                if masked_last and v == last:  # acc has the row's D columns, no more
+                    builder.call(masked_store, [accs[v], ptr, ir.Constant(i32, 4), mask])
+                else:
+                    builder.store(accs[v], ptr, align=4)
             return context.get_dummy_value()
 
-        return types.none(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc), codegen
+        return types.none(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc), codegen
     return sum_rows
 
 
-def _make_sum_columns(fmt: int):
-    """An inlined function that sums a bag's rows over the columns filling whole vectors,
-    with intrinsics specialised for one table format (a run-time format select in the
-    loop measured 1.3x slower for float16 than float32; NOTES.md).
+def _make_pass(passes):
+    """An inlined function running passes[vectors - 1] (vectors in 1..8): a run-time pick
+    among intrinsics, each with its count of vectors unrolled."""
+    x1, x2, x3, x4, x5, x6, x7, x8 = passes
 
-    One intrinsic per pass width (1 to 8 vectors), so a row takes as few passes as
-    possible: 128 columns at a time, then one pass over the rest that fill whole
-    vectors (measured: D=96 as 64 + 32 in two passes ran 1.4x slower than torch's one).
+    @njit(inline="always")
+    def run_pass(vectors, table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc):
+        if vectors == 8:
+            x8(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 7:
+            x7(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 6:
+            x6(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 5:
+            x5(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 4:
+            x4(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 3:
+            x3(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 2:
+            x2(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        elif vectors == 1:
+            x1(table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+    return run_pass
+
+
+def _make_sum_columns(fmt: int):
+    """An inlined function that sums a bag's rows over all D columns, with intrinsics
+    specialised for one table format (a run-time format select in the loop measured
+    1.3x slower for float16 than float32; NOTES.md).
+
+    128 columns a pass while more than 128 are left, then one pass over the rest (1 to
+    128 columns: up to 8 vectors, the last one masked unless D is a multiple of 16), so
+    a row takes as few passes as possible (measured: D=96 as 64 + 32 in two passes ran
+    1.4x slower than torch's one) and its tail rides in the pass of its last vectors.
+    A row of a multiple of 16 runs the unmasked intrinsics only, as before the tail
+    was masked.
     """
-    x1, x2, x3, x4, x5, x6, x7, x8 = (_make_sum_rows(n, fmt) for n in range(1, 9))
+    whole = tuple(_make_sum_rows(n, fmt, False) for n in range(1, 9))
+    whole_pass = _make_pass(whole)
+    masked_pass = _make_pass(tuple(_make_sum_rows(n, fmt, True) for n in range(1, 9)))
+    x8 = whole[7]
 
     @njit(inline="always")
     def sum_columns(table, rows, count, ahead_ids, ahead_start, ahead_stop, acc):
         dim = table.shape[1]
         col = 0
-        while col + 8 * LANES <= dim:
-            x8(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
+        while dim - col > 8 * LANES:
+            x8(table, rows, count, col, LANES, ahead_ids, ahead_start, ahead_stop, acc)
             col += 8 * LANES
-        vectors = (dim - col) // LANES
-        if vectors == 7:
-            x7(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 6:
-            x6(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 5:
-            x5(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 4:
-            x4(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 3:
-            x3(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 2:
-            x2(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        elif vectors == 1:
-            x1(table, rows, count, col, ahead_ids, ahead_start, ahead_stop, acc)
-        return col + vectors * LANES
+        rest = dim - col
+        vectors = (rest + LANES - 1) // LANES
+        last_lanes = rest - (vectors - 1) * LANES
+        if last_lanes == LANES:
+            whole_pass(vectors, table, rows, count, col, LANES, ahead_ids, ahead_start, ahead_stop, acc)
+        elif rest > 0:
+            masked_pass(vectors, table, rows, count, col, last_lanes, ahead_ids, ahead_start, ahead_stop, acc)
+        return dim
     return sum_columns
 
 
@@ -196,10 +261,10 @@ _sum_columns_bfloat16 = _make_sum_columns(FORMAT_BFLOAT16)
 
 
 def sum_vector_columns(table, rows, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-    """Sum the bag's rows into acc for the leading columns that fill whole vectors.
+    """Sum the bag's rows into acc[:D] in vector passes (above).
 
-    Returns the first column left for a scalar pass (D % 16 columns, or all of
-    them for a table that isn't C-contiguous).
+    Returns the first column left for a scalar pass: D, or 0 for a table that isn't
+    C-contiguous (the intrinsics read rows at a stride of whole rows).
     """
 
 
