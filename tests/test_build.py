@@ -38,7 +38,8 @@ print(json.dumps(dict(misses=sum(kernel.stats.cache_misses.values()),
 
 # Every kind of call the cpu backend makes (table formats, id dtypes, both axes, masks,
 # writable and read-only inputs (TF's eager tensors are read-only), frozen tables, serial
-# and parallel sizes, CSR bags with and without weights), in a fresh process whose plan
+# and parallel sizes, CSR bags with and without weights, int8 / int4 / Keras-int8 quantized
+# tables on both axes and as bags), in a fresh process whose plan
 # kernels record the argument types Numba would compile them for, instead of compiling
 # (a first call of a signature goes through the dispatcher's _compile_for_args, which
 # hands back what to run: here a stand-in that returns "no bad id"); prints the signatures outside the build's plan and how many it saw.
@@ -48,6 +49,7 @@ import numpy as np
 import fused_embedding as fe
 from fused_embedding import build
 from fused_embedding.semantics import BFLOAT16
+from fused_embedding.quantized import QuantizedTable
 from fused_embedding.validation import random_inputs
 rng = np.random.default_rng(int(sys.argv[1]))
 plan = build.kernel_signatures()
@@ -97,6 +99,20 @@ for forced_serial in (False, True):
                     args = [read_only(a) if ro else a for a in (table, values, offsets, weights)]
                     for w in (None, args[3]):
                         fe.embedding_bag(args[0], args[1], args[2], weights=w, backend="cpu")
+    float_table = rng.standard_normal((50, 16)).astype(np.float32)
+    keras_int8 = QuantizedTable.from_keras_int8(rng.integers(-127, 128, (50, 16)).astype(np.int8),
+                                                rng.random(50).astype(np.float32) + 1)
+    for qtable in (fe.quantize_table(float_table, "int8"), fe.quantize_table(float_table, "int4"), keras_int8):
+        for id_dtype in (np.int32, np.int64):
+            for batch, length in ((3, 5), (512, 64)):
+                ids = rng.integers(0, 50, (batch, length)).astype(id_dtype)
+                for axis in (1, 2):
+                    fe.embedding_mean(qtable, ids, axis=axis, mask_zero=True, backend="cpu")
+            for n_values in (7, 20000):
+                values = rng.integers(0, 50, n_values).astype(id_dtype)
+                for w in (None, rng.random(n_values, dtype=np.float32)):
+                    fe.embedding_bag(qtable, values, np.array([0, n_values // 2, n_values]), weights=w,
+                                     combiner="sum", backend="cpu")
 
 planned = {d: set(sigs) for d, sigs in plan}
 outside = {d.py_func.__qualname__: sorted(map(str, sigs - planned[d])) for d, sigs in launched.items()}

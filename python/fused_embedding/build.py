@@ -11,7 +11,9 @@ ahead, e.g. while the image is built:
   16-bit (float16 / bfloat16 bits) tables, int32 and int64 ids, writable and
   read-only arrays (TF's eager tensors and frozen tables are read-only), both axes
   (masks are a runtime flag, not a signature), the row-means path of axis 2, the
-  CSR bags kernel, each in its parallel and serial entry points; then the TF op's
+  CSR bags kernel, the quantized tables' pooling and row-means kernels (int8 / int4
+  row-wise rows as views into one buffer, Keras' int8 as two C arrays), each in its
+  parallel and serial entry points; then the TF op's
   C launcher (``backends/cpu_cfunc.py``); all into Numba's cache: ``$NUMBA_CACHE_DIR``
   when set, else ``__pycache__`` beside the kernels' sources;
 - the TF op's library through ``tf_compiled.op_module()`` when TensorFlow imports,
@@ -47,7 +49,7 @@ NUMBA_CACHE_ENV_VAR = "NUMBA_CACHE_DIR"
 # Functions whose compile the notice reports: the cpu backend's kernels, the launch
 # heuristics compiled into the TF op's launcher, and that launcher. (Not the GPU
 # kernels, which numba-cuda compiles apart, nor the bench's own helpers.)
-_NOTICE_MODULES = ("fused_embedding.kernels.cpu", "fused_embedding.launch",
+_NOTICE_MODULES = ("fused_embedding.kernels.cpu", "fused_embedding.kernels.cpu_quant", "fused_embedding.launch",
                    "fused_embedding.backends.cpu_cfunc")
 
 _notice_lock = threading.Lock()
@@ -67,7 +69,7 @@ def kernel_signatures() -> list[tuple[object, list[tuple]]]:
     """
     from numba import types
 
-    from .kernels import cpu, cpu_bags
+    from .kernels import cpu, cpu_bags, cpu_quant
 
     def array(dtype, ndim, readonly=False):
         return types.Array(dtype, ndim, "C", readonly=readonly)
@@ -96,10 +98,27 @@ def kernel_signatures() -> list[tuple[object, list[tuple]]]:
                      array(types.int64, 1, inputs_ro), array(types.float32, 1, inputs_ro and weighted),
                      flag, integer, integer, integer, integer, array(element, 2)))
     means_out, bags = list(dict.fromkeys(means_out)), list(dict.fromkeys(bags))  # repeats dropped
+    # Quantized tables (quantized.py's launchers): the row-wise formats' data and parameters
+    # are strided views into one row buffer ("A" layout), Keras' int8 two C arrays; ids as
+    # the dense path passes them (offsets b * L) or as CSR; the output is always float32.
+    # Read-only inputs (no TF path feeds these kernels yet) are left to first use.
+    quantized_pool, quantized_means = [], []
+    for data, params in ((types.Array(types.uint8, 2, "A"), types.Array(types.float32, 2, "A")),
+                         (array(types.int8, 2), array(types.float32, 2))):
+        for id_type in id_types:
+            # (data, params, values, offsets, weights, weighted, padding_id, combiner, fmt,
+            #  bags_per_chunk, rows_ahead, out): no weights is quantized.py's own empty array
+            quantized_pool.append((data, params, array(id_type, 1), array(types.int64, 1),
+                                   array(types.float32, 1), flag) + (integer,) * 5 + (array(types.float32, 2),))
+            # (data, params, ids, padding_id, fmt, bags_per_chunk, rows_ahead, out)
+            quantized_means.append((data, params, array(id_type, 2)) + (integer,) * 4 + (array(types.float32, 2),))
     plan = []
     for parallel, signatures in ((cpu.gather_mean_sequence, dense), (cpu.gather_mean_embedding, dense),
                                  (cpu.row_means, means_in), (cpu.gather_row_means, means_out)):
         plan += [(parallel, signatures), (cpu.SERIAL[parallel], signatures)]
+    plan += [(cpu_quant.pool_quantized, quantized_pool), (cpu_quant.pool_quantized_serial, quantized_pool),
+             (cpu_quant.gather_quantized_means, quantized_means),
+             (cpu_quant.gather_quantized_means_serial, quantized_means)]
     return plan + [(cpu_bags.embedding_bag, bags), (cpu_bags.embedding_bag_serial, bags)]
 
 
