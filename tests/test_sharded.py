@@ -1,7 +1,7 @@
 """Row-sharded tables (tf_sharded) on local variables: a list of row shards and a
 ShardedVariable built from them give the unsharded op's results (float64 reference) and
 tf.nn.embedding_lookup's per-shard gradients, and are never concatenated.
-(Tests on an in-process ParameterServerStrategy cluster are not written yet.)"""
+(On an in-process ParameterServerStrategy cluster: test_sharded_cluster.py.)"""
 import numpy as np
 import pytest
 
@@ -86,3 +86,18 @@ def test_shards_are_pooled_apart_never_concatenated(rng):
     concats = [op for op in graph.get_operations() if op.type == "ConcatV2"
                and any(inp.shape.rank == 2 and inp.shape[-1] == 4 for inp in op.inputs)]
     assert not concats, [op.name for op in concats]
+
+
+def test_shards_are_read_without_copy_on_read(rng):
+    """A shard a sparse op has touched (tf.gather, a scatter update) is in TF's copy-on-read
+    mode, where a dense read copies all of it every call: each shard is read through
+    DisableCopyOnRead (read_value_no_copy), and the op still gives the right result there."""
+    table = rng.standard_normal((11, 4)).astype(np.float32)
+    sharded = _sharded_variable(_shards(table, [6, 5]))
+    for shard in sharded.variables:
+        tf.gather(shard, [0, 1])  # copy-on-read mode from here on
+    fn = tf.function(lambda i: fused_tf.embedding_mean(sharded, i, axis=1))
+    graph = fn.get_concrete_function(tf.TensorSpec([None, 4], tf.int32)).graph
+    assert [op.type for op in graph.get_operations()].count("DisableCopyOnRead") == 2
+    ids = rng.integers(0, 11, (3, 4)).astype(np.int32)
+    assert_close(fn(ids).numpy(), embedding_mean_reference(table, ids), np.float32)
