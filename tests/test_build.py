@@ -102,7 +102,11 @@ for forced_serial in (False, True):
     float_table = rng.standard_normal((50, 16)).astype(np.float32)
     keras_int8 = QuantizedTable.from_keras_int8(rng.integers(-127, 128, (50, 16)).astype(np.int8),
                                                 rng.random(50).astype(np.float32) + 1)
-    for qtable in (fe.quantize_table(float_table, "int8"), fe.quantize_table(float_table, "int4"), keras_int8):
+    held = [fe.quantize_table(float_table, "int8"), fe.quantize_table(float_table, "int4"), keras_int8]
+    # as the TF op (tf_quantized) hands them over: read-only C arrays
+    held += [QuantizedTable(q.format, read_only(np.ascontiguousarray(q.data)), read_only(np.ascontiguousarray(q.params)))
+             for q in held]
+    for qtable in held:
         for id_dtype in (np.int32, np.int64):
             for batch, length in ((3, 5), (512, 64)):
                 ids = rng.integers(0, 50, (batch, length)).astype(id_dtype)

@@ -99,12 +99,14 @@ def kernel_signatures() -> list[tuple[object, list[tuple]]]:
                      flag, integer, integer, integer, integer, array(element, 2)))
     means_out, bags = list(dict.fromkeys(means_out)), list(dict.fromkeys(bags))  # repeats dropped
     # Quantized tables (quantized.py's launchers): the row-wise formats' data and parameters
-    # are strided views into one row buffer ("A" layout), Keras' int8 two C arrays; ids as
-    # the dense path passes them (offsets b * L) or as CSR; the output is always float32.
-    # Read-only inputs (no TF path feeds these kernels yet) are left to first use.
+    # are strided views into one row buffer ("A" layout), Keras' int8 two C arrays; the TF
+    # op's (tf_quantized.py) are read-only C arrays, uint8 or int8, and its ids writable;
+    # ids as the dense path passes them (offsets b * L) or as CSR; the output is float32.
     quantized_pool, quantized_means = [], []
     for data, params in ((types.Array(types.uint8, 2, "A"), types.Array(types.float32, 2, "A")),
-                         (array(types.int8, 2), array(types.float32, 2))):
+                         (array(types.int8, 2), array(types.float32, 2)),
+                         (array(types.uint8, 2, True), array(types.float32, 2, True)),
+                         (array(types.int8, 2, True), array(types.float32, 2, True))):
         for id_type in id_types:
             # (data, params, values, offsets, weights, weighted, padding_id, combiner, fmt,
             #  bags_per_chunk, rows_ahead, out): no weights is quantized.py's own empty array

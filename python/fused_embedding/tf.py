@@ -56,7 +56,7 @@ try:
 except Exception:  # no (working) numba: the registry says why when the cpu backend is asked for
     pass
 
-from . import api, checks, row_mean_cache, tf_compiled, tf_sharded
+from . import api, checks, row_mean_cache, tf_compiled, tf_quantized, tf_sharded
 from .backends import OUT_OF_RANGE_MESSAGE, Bfloat16OnDevice
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
@@ -357,19 +357,25 @@ def _native_embedding_mean(table, ids, axis: Axis, mask_zero: bool):
     """
     with tf.control_dependencies([_native_bounds_check(table, ids)]):
         rows = tf.cast(tf.gather(table, ids), tf.float32)                 # [B][L][D]
+    return _native_pooling(rows, ids, axis, mask_zero, table.dtype)
+
+
+def _native_pooling(rows, ids, axis: Axis, mask_zero: bool, dtype):
+    """The native twin's pooling of gathered float32 rows [B][L][D] (tf_quantized's too),
+    cast to ``dtype``: the mean over axis 1 or 2, padding skipped, empty bags zeros."""
     if axis is Axis.SEQUENCE:
         if not mask_zero:
-            return tf.cast(tf.reduce_mean(rows, axis=1), table.dtype)       # [B][D]; L=0 -> NaN, fixed below
+            return tf.cast(tf.reduce_mean(rows, axis=1), dtype)             # [B][D]; L=0 -> NaN, fixed below
         counted = tf.not_equal(ids, tf.constant(PADDING_ID, ids.dtype))    # [B][L]
         # Select rather than multiply: a NaN stored in the padding row must not leak.
         sums = tf.reduce_sum(tf.where(counted[..., None], rows, 0.0), axis=1)
         counts = tf.reduce_sum(tf.cast(counted, tf.float32), axis=1, keepdims=True)
         means = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), EMPTY_BAG_VALUE)
-        return tf.cast(means, table.dtype)
+        return tf.cast(means, dtype)
     means = tf.reduce_mean(rows, axis=2)                                  # [B][L]
     if mask_zero:
         means = tf.where(tf.not_equal(ids, tf.constant(PADDING_ID, ids.dtype)), means, EMPTY_BAG_VALUE)
-    return tf.cast(means, table.dtype)
+    return tf.cast(means, dtype)
 
 
 def _baked_table_value(source, table: tf.Tensor):
@@ -432,7 +438,9 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
 
     Args:
       table: (V, D) float32, float16 or bfloat16 tensor or tf.Variable (read in
-        place, never copied).
+        place, never copied); a row-sharded one (tf_sharded); or a quantized table,
+        ``fused_embedding.QuantizedTable`` or ``TFQuantizedTable`` (tf_quantized.py:
+        results float32, no gradient).
       ids: (B, L) int32 or int64 tensor of row indices in [0, V).
       axis: 1 -> (B, D), Keras ``Embedding -> GlobalAveragePooling1D()``; 2 or -1 ->
         (B, L), ``GlobalAveragePooling1D(data_format="channels_first")``.
@@ -456,6 +464,15 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     none for the integer ids.
     """
     axis = api.normalize_axis(axis)
+    if tf_quantized.is_quantized(table):
+        with tf.name_scope(name or "fused_embedding_mean"):
+            ids = tf.convert_to_tensor(ids)
+            checks.check_mask_zero(mask_zero)
+            if ids.dtype not in ID_DTYPES:
+                raise checks.ids_dtype_error(ids.dtype.name, ids.dtype.is_floating)
+            checks.check_ids_shape(None if ids.shape.rank is None else ids.shape.as_list())
+            exporting = not tf.executing_eagerly() and _tracing_for_export()
+            return tf_quantized.embedding_mean(table, ids, axis, bool(mask_zero), exporting, backend)
     if tf_sharded.is_sharded(table):
         return tf_sharded.embedding_mean(table, ids, axis, mask_zero, backend, name)
     if backend is not None:  # where the body runs later, a wrong name would only show then
@@ -527,3 +544,4 @@ from .tf_bags import embedding_lookup_sparse, safe_embedding_lookup_sparse  # no
 # SavedModels from elsewhere, their gather-then-mean subgraphs fused (tf_convert.py, which
 # reads this module only inside the call).
 from .tf_convert import CheckFailed, NothingToFuse, convert_saved_model  # noqa: E402,F401
+from .tf_quantized import TFQuantizedTable  # noqa: E402,F401
