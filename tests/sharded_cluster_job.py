@@ -6,12 +6,13 @@ they give, for tests/test_sharded_cluster.py to check (this script asserts nothi
 coordinator), makes tables with each of TF's partitioners, runs every case on the
 worker (``ClusterCoordinator.schedule``) and writes OUT_DIR/cluster.npz (inputs and
 outputs) and OUT_DIR/cluster.json (shard shapes, types, error messages, the op types
-of traced graphs); saves a SavedModel of a fused model on the sharded table to
-OUT_DIR/saved.
+of traced graphs); saves SavedModels of a tf.Module serving the op on the sharded table
+(OUT_DIR/saved) and of the Keras model through ``fused_embedding.keras.export_module``
+(OUT_DIR/saved_keras).
 
 ``python tests/sharded_cluster_job.py mirrored OUT_DIR SEED``: 3 logical CPU devices
 (configured before TF initialises them), a Keras model with EmbeddingMean and its
-native twin trained by ``model.fit`` under MirroredStrategy, then the SavedModel above
+native twin trained by ``model.fit`` under MirroredStrategy, then the SavedModels above
 loaded and served in this fresh process; writes OUT_DIR/mirrored.npz / .json.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def cluster(out_dir, seed):
     import tensorflow as tf
     import keras
     import fused_embedding.tf as fused_tf
-    from fused_embedding.keras import EmbeddingMean, tape_variables
+    from fused_embedding.keras import EmbeddingMean, export_module, tape_variables
 
     rng = np.random.default_rng(seed)
     arrays, meta = {}, {"shards": {}, "devices": {}, "errors": {}, "grad_types": {}, "full_table_ops": {}}
@@ -251,6 +252,18 @@ def cluster(out_dir, seed):
         meta["errors"]["save"] = None
     except Exception as error:
         meta["errors"]["save"] = [type(error).__name__, str(error)[:2000]]
+    # The Keras model (two EmbeddingMean outputs) through export_module.
+    keras_module = export_module(model, [tf.TensorSpec([None, LENGTH], tf.int32)])
+    try:
+        tf.saved_model.save(keras_module, os.path.join(out_dir, "saved_keras"))
+        meta["errors"]["save_keras"] = None
+    except Exception as error:
+        meta["errors"]["save_keras"] = [type(error).__name__, str(error)[:2000]]
+    keras_ids = _ids(rng, keras_vocab, np.int32)
+    arrays["serve_keras.ids"] = keras_ids
+    arrays["serve_keras.pooled"], arrays["serve_keras.per_id"] = run(keras_module.serve, tf.constant(keras_ids))
+    for layer in (pooled, per_id):
+        arrays[f"serve_keras.table.{layer.name}"] = shard_values(layer.embeddings._value)
     ids = _ids(rng, SERVE_VOCAB, np.int32)
     arrays["serve.ids"] = ids
     arrays["serve.pooled"] = run(served.pooled, tf.constant(ids))
@@ -334,6 +347,10 @@ def mirrored(out_dir, seed):
     arrays["serve.pooled"] = served.pooled(tf.constant(recorded["serve.ids"])).numpy()
     arrays["serve.per_id"] = served.per_id(tf.constant(recorded["serve.ids"])).numpy()
     arrays["loaded_table"] = served.table.numpy()
+    served_keras = tf.saved_model.load(os.path.join(out_dir, "saved_keras"))
+    arrays["serve_keras.pooled"], arrays["serve_keras.per_id"] = (
+        out.numpy() for out in served_keras.serve(tf.constant(recorded["serve_keras.ids"])))
+    meta["loaded_keras_variables"] = [list(v.shape) for v in served_keras.model_variables]
     graph_defs = [f.get_concrete_function().graph.as_graph_def() for f in (served.pooled, served.per_id)]
     meta["served_op_types"] = sorted({node.op for g in graph_defs for node in g.node}
                                      | {node.op for g in graph_defs for f in g.library.function

@@ -14,8 +14,9 @@ combiner, weights, an empty bag, a dropped negative id); bounds errors naming th
 global id, its position and the global V; per-shard IndexedSlices gradients equal to
 tf.nn.embedding_lookup's; no traced graph ever holds the whole (V, D) table; the Keras
 layer (its table a ShardedVariable, float32 and mixed_float16) serving and trained by a
-custom loop on the coordinator; a SavedModel of the sharded fused model (one (V, D)
-variable) loaded and served in a fresh process; and, in that process, model.fit under
+custom loop on the coordinator; SavedModels of the sharded op and of the Keras model
+(``keras.export_module``; each table one (V, D) variable) loaded and served in a fresh
+process; and, in that process, model.fit under
 MirroredStrategy over 3 logical CPUs equal to the native Embedding -> pooling model.
 """
 import json
@@ -225,6 +226,20 @@ def test_saved_model_holds_one_full_table_and_serves_in_a_fresh_process(recorded
     ops = set(loaded_meta["served_op_types"])
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
     assert {"ResourceGather", "UnsortedSegmentSum"} <= ops and not any(op.startswith("Fused") for op in ops)
+
+
+def test_keras_model_exported_by_export_module_serves_in_a_fresh_process(recorded):
+    arrays, meta = recorded["cluster"]
+    loaded, loaded_meta = recorded["mirrored"]
+    assert meta["errors"]["save_keras"] is None
+    dim = job.TABLES["fixed"][1]
+    assert loaded_meta["loaded_keras_variables"] == [[job.TABLES["fixed"][0], dim]] * 2  # one variable each
+    ids = arrays["serve_keras.ids"]
+    for layer, axis, mask_zero in (("pooled", 1, True), ("per_id", 2, False)):
+        expected = embedding_mean_reference(arrays[f"serve_keras.table.{layer}"], ids, axis=axis,
+                                            mask_zero=mask_zero)
+        assert_close(arrays[f"serve_keras.{layer}"], expected, np.float32)   # on the cluster
+        assert_close(loaded[f"serve_keras.{layer}"], expected, np.float32)    # loaded, one host
 
 
 def test_mirrored_strategy_fit_equals_native_keras(recorded):

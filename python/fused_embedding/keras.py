@@ -74,6 +74,29 @@ def tape_variables(variables) -> list:
     return out
 
 
+def export_module(model, input_signature):
+    """A ``tf.Module`` serving ``model`` (its ``serve`` endpoint), for ``tf.saved_model.save``,
+    where Keras' own ``model.export`` cannot write the model: under ``ParameterServerStrategy``
+    with a partitioner both ``model.export`` and ``model.save`` fail on the ShardedVariables
+    (Keras 3's saver asks them for a ``.device`` / ``__array__`` they have not), whatever the
+    layers.
+
+    The module tracks the model's backing variables (the ShardedVariables themselves) and
+    not the Keras model; TF writes each ShardedVariable as one full-shape variable, so the
+    SavedModel serves on one host. Make it right before saving: its function is traced
+    by the saver, so it holds the op's export form (no device placements).
+
+    Args:
+      model: a built Keras model (TensorFlow backend).
+      input_signature: the ``tf.TensorSpec`` list of ``serve``'s arguments.
+    """
+    import tensorflow as tf
+    module = tf.Module()
+    module.model_variables = [getattr(variable, "_value", variable) for variable in model.weights]
+    module.serve = tf.function(lambda *inputs: model(*inputs), input_signature=input_signature)
+    return module
+
+
 class _TableLayer(keras.layers.Layer):
     """What the fused layers share: an (input_dim, output_dim) ``embeddings`` variable
     with its initializer, regularizer and constraint, ``mask_zero``, their checks and
