@@ -1,6 +1,8 @@
 """An in-process TensorFlow cluster on localhost: 2 parameter servers and 1 worker
-(``tf.distribute.Server`` on ports from ``portpicker``, gRPC on 127.0.0.1 only), this
-process the coordinator of a ``ParameterServerStrategy``.
+(``tf.distribute.Server`` on ports from ``portpicker``), this process the coordinator of
+a ``ParameterServerStrategy``. Every address in the cluster spec is 127.0.0.1, so all the
+traffic stays on the loopback interface; TF's gRPC servers still listen on every
+interface (they bind ``*:port``, with no option to narrow it) while the process lives.
 
 Connecting to a cluster changes the process's eager context for good, and TF's
 in-process servers cannot be stopped: start it in a process of its own (the tests'
@@ -40,7 +42,7 @@ def start(num_ps: int = 2, num_workers: int = 1, partitioner=None):
     """(strategy, coordinator, partitioner): the cluster started in this process on
     localhost ports, a ParameterServerStrategy over it whose variable_partitioner is
     ``partitioner`` (default: a SwitchablePartitioner making one shard), and its
-    ClusterCoordinator. Servers listen on 127.0.0.1 only."""
+    ClusterCoordinator. The cluster's addresses are 127.0.0.1 ports."""
     import portpicker
     import tensorflow as tf
 
