@@ -1,0 +1,103 @@
+"""Keras' int8-quantized text classifier, fused and not: ``model.predict`` timed in one run.
+
+    python benchmarks/bench_keras_quantized.py [--rounds 30] [--vocab 1000000]
+
+The model: ``Embedding(V, D, mask_zero=True) -> GlobalAveragePooling1D -> Dense(4)``,
+quantized by Keras (``model.quantize("int8")``: an int8 table, a float32 scale per row),
+and the same model with its pair replaced by ``QuantizedEmbeddingMean.from_layers``,
+which reads the same two variables. Both timed at B=1024 L=64 D=128 on one batch, through
+``predict`` (which sets up a tf.data pipeline each call) and ``predict_on_batch``:
+one call of each per round, in a fresh random order, each round on the next of several
+id sets (10% padding, one real id per bag) so no call finds the previous one's rows in
+cache. Outputs are checked equal (float32 rounding) before timing. Prints medians (p20/p80)
+and the ratio, with the machine, date and load, as a markdown block for RESULTS.md.
+
+Bytes per call (the pooling's): ids B*L*4 + rows B*L*(D + 4) (int8 data, float32 scale)
++ out B*D*4.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--id-sets", type=int, default=8)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from fused_embedding.cli import cpu_model
+    from fused_embedding.keras_quantized import QuantizedEmbeddingMean
+
+    rng = np.random.default_rng(0)
+    ids_in = keras.Input((None,), dtype="int32", name="ids")
+    embedding = keras.layers.Embedding(args.vocab, args.dim, mask_zero=True, name="embedding")
+    pooling = keras.layers.GlobalAveragePooling1D(name="pool")
+    dense = keras.layers.Dense(4, name="logits")
+    stock = keras.Model(ids_in, dense(pooling(embedding(ids_in))))
+    embedding.embeddings.assign(rng.standard_normal((args.vocab, args.dim), dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "InputLayer does not have a `quantize` method"
+        stock.quantize("int8")
+    fused_in = keras.Input((None,), dtype="int32", name="ids")
+    fused = keras.Model(fused_in, dense(QuantizedEmbeddingMean.from_layers(embedding, pooling)(fused_in)))
+    # predict() on one batch (its tf.data set-up, ~70 ms here, in both) and predict_on_batch
+    runners = {}
+    for label, model in (("keras int8", stock), ("fused int8", fused)):
+        runners[f"{label} predict"] = lambda ids, m=model: m.predict(ids, batch_size=len(ids), verbose=0)
+        runners[f"{label} predict_on_batch"] = lambda ids, m=model: m.predict_on_batch(ids)
+
+    id_sets = []
+    for _ in range(args.id_sets):
+        ids = rng.integers(1, args.vocab, (args.batch, args.length))
+        ids[:, 1:][rng.random((args.batch, args.length - 1)) < 0.1] = 0
+        id_sets.append(ids.astype(np.int32))
+    expected = stock.predict(id_sets[0], batch_size=args.batch, verbose=0)  # first calls (tracing) untimed
+    got = fused.predict(id_sets[0], batch_size=args.batch, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    times = {name: [] for name in runners}
+    load_before = os.getloadavg()
+    for r in range(args.rounds):
+        ids = id_sets[r % len(id_sets)]
+        for name in rng.permutation(list(runners)):
+            t0 = time.perf_counter()
+            runners[name](ids)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    load = os.getloadavg()
+
+    bytes_per_call = args.batch * args.length * (4 + args.dim + 4) + args.batch * args.dim * 4
+    print(f"\n### Keras int8 text classifier, predict, B={args.batch} L={args.length} D={args.dim} "
+          f"V={args.vocab:,}, mask_zero\n")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} "
+          f"cores, load before {load_before[0]:.2f}, after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"{args.rounds} interleaved rounds, {args.id_sets} rotating id sets\n")
+    print("| model | predict median ms | p20-p80 ms | GB/s (pooling bytes) |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=5)
+        medians[name] = statistics.median(values)
+        print(f"| {name} | {medians[name]:.2f} | {q[0]:.2f}-{q[3]:.2f} | {bytes_per_call / medians[name] / 1e6:.1f} |")
+    print()
+    for call in ("predict", "predict_on_batch"):
+        ratio = medians[f"keras int8 {call}"] / medians[f"fused int8 {call}"]
+        print(f"fused / keras int8 {call} speedup (medians): {ratio:.2f}x (goal >= 5x)  ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
