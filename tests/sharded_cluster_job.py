@@ -67,6 +67,7 @@ def cluster(out_dir, seed):
     import keras
     import fused_embedding.tf as fused_tf
     from fused_embedding.keras import EmbeddingMean, export_module, tape_variables
+    from fused_embedding.keras_bags import EmbeddingBag
 
     rng = np.random.default_rng(seed)
     arrays, meta = {}, {"shards": {}, "devices": {}, "errors": {}, "grad_types": {}, "full_table_ops": {}}
@@ -175,7 +176,9 @@ def cluster(out_dir, seed):
         model = keras.Model(inputs, [pooled(inputs), per_id(inputs)])
         mixed = EmbeddingMean(keras_vocab, keras_dim, mask_zero=True, dtype="mixed_float16", name="mixed")
         mixed_model = keras.Model(inputs, mixed(inputs))
-    for layer in (pooled, per_id, mixed):
+        bag = EmbeddingBag(keras_vocab, keras_dim, combiner="sqrtn", embeddings_initializer="normal", name="bag")
+        bag_model = keras.Model(inputs, bag(inputs))
+    for layer in (pooled, per_id, mixed, bag):
         backing = layer.embeddings._value
         meta["shards"][f"keras.{layer.name}"] = [list(s.shape) for s in backing.variables]
         meta[f"keras_type.{layer.name}"] = type(backing).__name__
@@ -186,7 +189,9 @@ def cluster(out_dir, seed):
     arrays["keras.out.pooled"], arrays["keras.out.per_id"] = run(serve, tf.constant(ids))
     serve_mixed = tf.function(lambda i: mixed_model(i))
     arrays["keras.out.mixed"] = run(serve_mixed, tf.constant(ids))
-    for label, fn in (("keras", serve), ("keras_mixed", serve_mixed)):
+    serve_bag = tf.function(lambda i: bag_model(i))
+    arrays["keras.out.bag"] = run(serve_bag, tf.constant(ids))
+    for label, fn in (("keras", serve), ("keras_mixed", serve_mixed), ("keras_bag", serve_bag)):
         meta["full_table_ops"][label] = _full_table_ops(
             fn.get_concrete_function(tf.TensorSpec([None, LENGTH], tf.int32)), keras_vocab, keras_dim)
 

@@ -14,7 +14,7 @@ combiner, weights, an empty bag, a dropped negative id); bounds errors naming th
 global id, its position and the global V; per-shard IndexedSlices gradients equal to
 tf.nn.embedding_lookup's; no traced graph ever holds the whole (V, D) table; the Keras
 layer (its table a ShardedVariable, float32 and mixed_float16) serving and trained by a
-custom loop on the coordinator; SavedModels of the sharded op and of the Keras model
+custom loop on the coordinator, and the Keras EmbeddingBag serving; SavedModels of the sharded op and of the Keras model
 (``keras.export_module``; each table one (V, D) variable) loaded and served in a fresh
 process; and, in that process, model.fit under
 MirroredStrategy over 3 logical CPUs equal to the native Embedding -> pooling model.
@@ -38,7 +38,7 @@ from conftest import TEST_SEED  # noqa: E402
 
 import sharded_cluster_job as job  # noqa: E402
 
-pytestmark = pytest.mark.slow  # two fresh TF processes, ~30 s on 2 cores
+pytestmark = pytest.mark.slow  # two fresh TF processes: 35-75 s on 2 shared cores
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_cluster_job.py")
 
 
@@ -165,7 +165,7 @@ def test_gradients_are_per_shard_indexed_slices_equal_to_embedding_lookup(arrays
         assert_close(ours, expected[s], np.float32)
 
 
-@pytest.mark.parametrize("graph", ["fixed", "min_size", "max_size", "keras", "keras_mixed"])
+@pytest.mark.parametrize("graph", ["fixed", "min_size", "max_size", "keras", "keras_mixed", "keras_bag"])
 def test_no_graph_assembles_the_whole_table(meta, graph):
     """No op in the traced graphs (forward and gradient) outputs a (V, D) tensor: each shard
     is pooled where it lives, the Keras layer included (its mixed-precision read too)."""
@@ -173,7 +173,7 @@ def test_no_graph_assembles_the_whole_table(meta, graph):
 
 
 def test_keras_layer_table_is_a_sharded_variable(meta):
-    for layer in ("pooled", "per_id", "mixed"):
+    for layer in ("pooled", "per_id", "mixed", "bag"):
         assert meta[f"keras_type.{layer}"] == "ShardedVariable"
         assert meta["shards"][f"keras.{layer}"] == meta["shards"]["fixed"]
     assert meta["shards"]["keras.train"] == meta["shards"]["fixed"]
@@ -187,6 +187,13 @@ def test_keras_layer_serves_on_the_worker(arrays, layer, axis, mask_zero, dtype)
                                         mask_zero=mask_zero)
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
+
+
+def test_keras_embedding_bag_serves_on_the_worker(arrays):
+    ids = arrays["keras.ids"]                                     # each row one bag of L ids
+    offsets = np.arange(ids.shape[0] + 1) * ids.shape[1]
+    expected = embedding_bag_reference(arrays["keras_table.bag"], ids.reshape(-1), offsets, combiner="sqrtn")
+    assert_close(arrays["keras.out.bag"], expected, np.float32)
 
 
 def test_keras_custom_loop_training_updates_each_shard(arrays):
