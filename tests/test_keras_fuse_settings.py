@@ -145,38 +145,50 @@ def test_embedding_activity_regularizer_leaves_its_pair_native(rng, caplog):
 
 # --- 8: quantized and LoRA Embeddings ------------------------------------------------------------
 
-def three_pair_model():
-    """One ids input into three Embedding -> GAP1D pairs: int8-quantized, LoRA, plain."""
+def four_pair_model():
+    """One ids input into four Embedding -> GAP1D pairs: int8-quantized, int4-quantized, LoRA, plain."""
     ids = keras.Input((LENGTH,), dtype="int32")
-    embeddings = [keras.layers.Embedding(VOCAB, DIM, name=name) for name in ("quantized", "lora", "plain")]
+    names = ("int8", "int4", "lora", "plain")
+    embeddings = [keras.layers.Embedding(VOCAB, 2 * DIM, name=name) for name in names]  # int4: D even
     pooled = [keras.layers.GlobalAveragePooling1D()(embedding(ids)) for embedding in embeddings]
     model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.Concatenate()(pooled)))
-    model.get_layer("quantized").quantize("int8")
+    model.get_layer("int8").quantize("int8")
+    model.get_layer("int4").quantize("int4")
     model.get_layer("lora").enable_lora(2)
     return model
 
 
-def test_quantized_and_lora_pairs_stay_native_and_the_rest_fuses(rng, caplog):
-    model = three_pair_model()
+def test_int8_pairs_fuse_quantized_and_int4_and_lora_stay_native(rng, caplog):
+    from fused_embedding.keras_quantized import QuantizedEmbeddingMean
+    model = four_pair_model()
     with caplog.at_level(logging.WARNING, logger="fused_embedding"):
         fused = fuse(model)
-    assert fused.get_layer("quantized") is model.get_layer("quantized")
+    assert fused.get_layer("int4") is model.get_layer("int4")
     assert fused.get_layer("lora") is model.get_layer("lora")
     assert [layer.name for layer in fused_layers(fused)] == ["plain"]
-    assert "'quantized'" in caplog.text and "int8" in caplog.text and "'lora'" in caplog.text
+    quantized = fused.get_layer("int8")
+    assert isinstance(quantized, QuantizedEmbeddingMean)
+    assert quantized.embeddings is model.get_layer("int8")._embeddings  # shared, not copied
+    assert "'int4'" in caplog.text and "quantized (int4)" in caplog.text and "'lora'" in caplog.text
+    assert "'int8'" not in caplog.text
     assert_same_outputs(model, fused, batch(rng))
-    with pytest.raises(ValueError, match="quantized"):  # asked for explicitly, it still refuses
-        EmbeddingMean.from_layers(model.get_layer("quantized"), keras.layers.GlobalAveragePooling1D())
+    with pytest.raises(ValueError, match="quantized"):  # the float layer, asked for explicitly, refuses
+        EmbeddingMean.from_layers(model.get_layer("int8"), keras.layers.GlobalAveragePooling1D())
+    native = unfuse(fused)
+    assert native.get_layer("int8").quantization_mode == "int8"
+    assert_same_outputs(model, native, batch(rng))
 
 
-def test_quantized_pair_in_a_sequential_model_stays_native(rng):
+def test_int8_pair_in_a_sequential_model_fuses_quantized(rng):
+    from fused_embedding.keras_quantized import QuantizedEmbeddingMean
     model = keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, DIM),
                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
     model.layers[0].quantize("int8")
     fused = fuse(model)
-    assert [type(layer).__name__ for layer in fused.layers] == ["Embedding", "GlobalAveragePooling1D", "Dense"]
-    assert fused.layers[0] is model.layers[0]
+    assert [type(layer).__name__ for layer in fused.layers] == ["QuantizedEmbeddingMean", "Dense"]
     assert_same_outputs(model, fused, batch(rng))
+    assert [type(layer).__name__ for layer in unfuse(fused).layers] == ["Embedding", "GlobalAveragePooling1D",
+                                                                         "Dense"]
 
 
 # --- 9: names ------------------------------------------------------------------------------------

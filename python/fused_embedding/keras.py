@@ -245,6 +245,9 @@ class EmbeddingMean(_TableLayer):
             raise ValueError(f"the Embedding {embedding.name!r} is not built yet: call it on ids "
                              f"(or build it) first, so that it has weights to carry over")
         reason = _why_not_fusible(embedding, pooling)
+        if embedding.quantization_mode == "int8":
+            reason = ("its table is quantized (int8): keras_quantized.QuantizedEmbeddingMean.from_layers "
+                      "fuses it (fuse does)")
         if reason:
             raise ValueError(f"the Embedding {embedding.name!r} -> {pooling.name!r} pair cannot be "
                              f"fused: {reason}")
@@ -293,9 +296,9 @@ class EmbeddingMean(_TableLayer):
 def _why_not_fusible(embedding, pooling) -> str | None:
     """Why one EmbeddingMean cannot stand for this ``Embedding -> GlobalAveragePooling1D``
     pair, or None when it can."""
-    if embedding.quantization_mode:
-        return (f"its table is quantized ({embedding.quantization_mode}); only float tables are "
-                f"fused so far")
+    if embedding.quantization_mode and embedding.quantization_mode != "int8":
+        return (f"its table is quantized ({embedding.quantization_mode}); float tables and Keras' "
+                f"int8 are fused so far")
     if getattr(embedding, "lora_enabled", False):
         return ("it has LoRA weights (its table is embeddings plus a scaled lora_embeddings_a @ "
                 "lora_embeddings_b, which the fused op does not compute)")
@@ -372,8 +375,9 @@ def fuse(model, backend=None):
     ids must be int32/int64 inputs.
 
     A pair one EmbeddingMean cannot stand for is left native (same layer objects),
-    with a warning on the ``fused_embedding`` logger saying why: a quantized or
-    LoRA Embedding, an Embedding with an ``activity_regularizer`` (its loss is on
+    with a warning on the ``fused_embedding`` logger saying why: an Embedding quantized
+    other than Keras' int8 (an int8 one becomes a ``keras_quantized.QuantizedEmbeddingMean``
+    sharing its int8 table and scales), a LoRA Embedding, an Embedding with an ``activity_regularizer`` (its loss is on
     the (B, L, D) rows the fused layer never makes), or a pooling whose compute
     dtype is not the Embedding's.
 
@@ -401,7 +405,7 @@ def fuse(model, backend=None):
             # (The original model's tensor: clone_model's new inputs need not say they are ragged.)
             if getattr(embedding.input, "ragged", False):  # each row's own ids: a CSR bag, averaged
                 return _ragged_pair_bag(embedding, pooling, args[0])
-            return EmbeddingMean.from_layers(embedding, pooling, backend=backend)(args[0])
+            return _fused_pair(embedding, pooling, backend)(args[0])
         bag = _embedding_bag_for(layer, bag_layers)
         if bag is not None:
             return bag(*args, **kwargs)
@@ -428,8 +432,10 @@ def unfuse(model):
     taken = {layer.name for layer in model.layers}
     native_bags = {}  # id(EmbeddingBag) -> its EmbedReduce
 
+    from .keras_quantized import QuantizedEmbeddingMean
+
     def call_function(layer, *args, **kwargs):
-        if isinstance(layer, EmbeddingMean):
+        if isinstance(layer, (EmbeddingMean, QuantizedEmbeddingMean)):
             embedding, pooling = layer.to_layers(
                 pooling_name=_unique_name(f"{layer.name}_pooling", taken))
             return pooling(embedding(args[0]))
@@ -443,6 +449,15 @@ def unfuse(model):
                                     call_function=call_function)
 
 
+def _fused_pair(embedding, pooling, backend):
+    """The fused layer for a fusible pair: an EmbeddingMean, or for an Embedding Keras
+    quantized to int8 a QuantizedEmbeddingMean (keras_quantized.py, on the cpu kernels)."""
+    if embedding.quantization_mode:
+        from .keras_quantized import QuantizedEmbeddingMean
+        return QuantizedEmbeddingMean.from_layers(embedding, pooling)
+    return EmbeddingMean.from_layers(embedding, pooling, backend=backend)
+
+
 def _fuse_layer_list(layers, backend):
     out, i = [], 0
     while i < len(layers):
@@ -452,7 +467,7 @@ def _fuse_layer_list(layers, backend):
                 and isinstance(following, keras.layers.GlobalAveragePooling1D)
                 and not getattr(following, "keepdims", False)
                 and not _left_native(layer, following)):
-            out.append(EmbeddingMean.from_layers(layer, following, backend=backend))
+            out.append(_fused_pair(layer, following, backend))
             i += 2
         else:
             out.append(_embedding_bag_for(layer, {}) or layer)
@@ -465,9 +480,9 @@ def _ragged_pair_bag(embedding, pooling, ids):
     stand for the pair, else the pair itself (with a warning): a mask_zero Embedding, whose
     padding the pooling would drop from each row."""
     from .keras_bags import EmbeddingBag
-    if pooling.data_format != "channels_last" or embedding.mask_zero:
+    if pooling.data_format != "channels_last" or embedding.mask_zero or embedding.quantization_mode:
         log.warning("fuse: left %r -> %r as native Keras layers: on ragged ids only a channels_last "
-                    "pooling without mask_zero is fused", embedding.name, pooling.name)
+                    "pooling without mask_zero, on a float table, is fused", embedding.name, pooling.name)
         return pooling(embedding(ids))
     return EmbeddingBag.from_ragged_pair(embedding, pooling)(ids)
 
@@ -490,8 +505,9 @@ def _embedding_bag_for(layer, made):
 def _unfuse_layer_list(layers, _backend):
     taken = {layer.name for layer in layers}
     out = []
+    from .keras_quantized import QuantizedEmbeddingMean
     for layer in layers:
-        if isinstance(layer, EmbeddingMean):
+        if isinstance(layer, (EmbeddingMean, QuantizedEmbeddingMean)):
             out.extend(layer.to_layers(pooling_name=_unique_name(f"{layer.name}_pooling", taken)))
         else:
             out.append(layer.to_embed_reduce() if _is_embedding_bag(layer) else layer)
