@@ -180,7 +180,6 @@ def test_int8_pairs_fuse_quantized_and_int4_and_lora_stay_native(rng, caplog):
 
 
 def test_int8_pair_in_a_sequential_model_fuses_quantized(rng):
-    from fused_embedding.keras_quantized import QuantizedEmbeddingMean
     model = keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, DIM),
                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
     model.layers[0].quantize("int8")
