@@ -4,8 +4,8 @@
 
 The model: ``Embedding(V, D, mask_zero=True) -> GlobalAveragePooling1D -> Dense(4)``,
 quantized by Keras (``model.quantize("int8")``: an int8 table, a float32 scale per row),
-and the same model with its pair replaced by ``QuantizedEmbeddingMean.from_layers``,
-which reads the same two variables. Both timed at B=1024 L=64 D=128 on one batch, through
+and ``fuse`` of it, whose pair is a ``QuantizedEmbeddingMean`` reading the same two
+variables. Both timed at B=1024 L=64 D=128 on one batch, through
 ``predict`` (which sets up a tf.data pipeline each call) and ``predict_on_batch``:
 one call of each per round, in a fresh random order, each round on the next of several
 id sets (10% padding, one real id per bag) so no call finds the previous one's rows in
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import keras
 
     from fused_embedding.cli import cpu_model
-    from fused_embedding.keras_quantized import QuantizedEmbeddingMean
+    from fused_embedding.keras import fuse
 
     rng = np.random.default_rng(0)
     ids_in = keras.Input((None,), dtype="int32", name="ids")
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "InputLayer does not have a `quantize` method"
         stock.quantize("int8")
-    fused_in = keras.Input((None,), dtype="int32", name="ids")
-    fused = keras.Model(fused_in, dense(QuantizedEmbeddingMean.from_layers(embedding, pooling)(fused_in)))
+    fused = fuse(stock)  # the pair becomes a QuantizedEmbeddingMean on the same variables
+    assert type(fused.get_layer("embedding")).__name__ == "QuantizedEmbeddingMean"
     # predict() on one batch (its tf.data set-up, ~70 ms here, in both) and predict_on_batch
     runners = {}
     for label, model in (("keras int8", stock), ("fused int8", fused)):
