@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
+
+from interleaved import print_medians, time_interleaved  # benchmarks/interleaved.py
 
 
 def main(argv=None) -> int:
@@ -69,14 +69,8 @@ def main(argv=None) -> int:
     expected = stock.predict(id_sets[0], batch_size=args.batch, verbose=0)  # first calls (tracing) untimed
     got = fused.predict(id_sets[0], batch_size=args.batch, verbose=0)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    times = {name: [] for name in runners}
     load_before = os.getloadavg()
-    for r in range(args.rounds):
-        ids = id_sets[r % len(id_sets)]
-        for name in rng.permutation(list(runners)):
-            t0 = time.perf_counter()
-            runners[name](ids)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    times = time_interleaved(runners, id_sets, args.rounds, rng)
     load = os.getloadavg()
 
     bytes_per_call = args.batch * args.length * (4 + args.dim + 4) + args.batch * args.dim * 4
@@ -85,14 +79,7 @@ def main(argv=None) -> int:
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} "
           f"cores, load before {load_before[0]:.2f}, after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"{args.rounds} interleaved rounds, {args.id_sets} rotating id sets\n")
-    print("| model | predict median ms | p20-p80 ms | GB/s (pooling bytes) |")
-    print("| --- | --- | --- | --- |")
-    medians = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=5)
-        medians[name] = statistics.median(values)
-        print(f"| {name} | {medians[name]:.2f} | {q[0]:.2f}-{q[3]:.2f} | {bytes_per_call / medians[name] / 1e6:.1f} |")
-    print()
+    medians = print_medians(times, bytes_per_call, "model", "call")
     for call in ("predict", "predict_on_batch"):
         ratio = medians[f"keras int8 {call}"] / medians[f"fused int8 {call}"]
         print(f"fused / keras int8 {call} speedup (medians): {ratio:.2f}x (goal >= 5x)  ")

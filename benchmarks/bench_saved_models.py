@@ -31,7 +31,6 @@ import argparse
 import datetime
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 from fused_embedding.cli import cpu_model  # the machine's name, as the bench prints it
+from interleaved import print_medians, time_interleaved  # benchmarks/interleaved.py
 
 import numpy as np
 
@@ -130,13 +130,8 @@ def main(argv=None) -> int:
         for name, fn in paths.items():
             got = fn(ids=id_sets[0])["output_0"].numpy()
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
-        times = {name: [] for name in paths}
-        for r in range(args.rounds):
-            ids = id_sets[r % len(id_sets)]
-            for name in rng.permutation(list(paths)):
-                t0 = time.perf_counter()
-                paths[name](ids=ids)["output_0"].numpy()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+        runners = {name: lambda ids, fn=fn: fn(ids=ids)["output_0"].numpy() for name, fn in paths.items()}
+        times = time_interleaved(runners, id_sets, args.rounds, rng)
         load = os.getloadavg()
     finally:
         if not args.workdir:
@@ -149,14 +144,7 @@ def main(argv=None) -> int:
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, {os.cpu_count()} cores, "
           f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.rounds} interleaved rounds, "
           f"{args.id_sets} rotating id sets; written in fresh processes ({made})\n")
-    print("| SavedModel | serve median ms | p20-p80 ms | GB/s (pooling bytes) |")
-    print("| --- | --- | --- | --- |")
-    medians = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=5)
-        medians[name] = statistics.median(values)
-        print(f"| {name} | {medians[name]:.2f} | {q[0]:.2f}-{q[3]:.2f} | {bytes_per_call / medians[name] / 1e6:.1f} |")
-    print()
+    medians = print_medians(times, bytes_per_call, "SavedModel", "serve")
     for faster, slower in RATIOS:
         ratio = medians[slower] / medians[faster]
         print(f"{faster} / {slower} speedup (medians): {ratio:.2f}x (goal >= 3x)  ")

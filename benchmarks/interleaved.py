@@ -1,0 +1,36 @@
+"""Interleaved timing for the benchmark scripts that compare whole calls (SavedModels, Keras models).
+
+Every round calls every runner once, in a fresh random order, on the next of the rotating
+inputs, so that no runner always goes first or finds the previous call's rows in cache;
+the medians of the rounds are what the scripts report (p20-p80 beside them).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def time_interleaved(runners: dict, inputs: list, rounds: int, rng) -> dict[str, list[float]]:
+    """{name: [ms per round]}: ``runners[name](inputs[r % len(inputs)])`` once each round."""
+    times = {name: [] for name in runners}
+    for r in range(rounds):
+        value = inputs[r % len(inputs)]
+        for name in rng.permutation(list(runners)):
+            started = time.perf_counter()
+            runners[name](value)
+            times[name].append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def print_medians(times: dict, bytes_per_call: int, what: str, call: str) -> dict[str, float]:
+    """A markdown table (``what``, ``call`` median ms, p20-p80, GB/s of ``bytes_per_call``);
+    returns {name: median ms}."""
+    print(f"| {what} | {call} median ms | p20-p80 ms | GB/s (pooling bytes) |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=5)
+        medians[name] = statistics.median(values)
+        print(f"| {name} | {medians[name]:.2f} | {q[0]:.2f}-{q[3]:.2f} | {bytes_per_call / medians[name] / 1e6:.1f} |")
+    print()
+    return medians
