@@ -60,6 +60,7 @@ from . import api, checks, row_mean_cache, tf_compiled, tf_quantized, tf_sharded
 from .backends import OUT_OF_RANGE_MESSAGE, Bfloat16OnDevice
 from .memory import ALIGNED_OUTPUT_MIN_BYTES
 from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis, output_shape
+from .tf_variables import read_without_copy
 
 TABLE_DTYPES = tuple(tf.as_dtype(name) for name in checks.TABLE_DTYPE_NAMES)  # float32, float16, bfloat16
 ID_DTYPES = tuple(tf.as_dtype(name) for name in checks.ID_DTYPE_NAMES)
@@ -482,7 +483,7 @@ def embedding_mean(table, ids, axis=1, mask_zero=False, backend=None, name=None)
     site = row_mean_cache.site_of(table) if axis is Axis.EMBEDDING else row_mean_cache.ANONYMOUS_SITE
     with tf.name_scope(name or "fused_embedding_mean"):
         source = table
-        table = tf.convert_to_tensor(table)
+        table = read_without_copy(table)  # a variable's buffer, even after a sparse op touched it
         ids = tf.convert_to_tensor(ids)
         _check_symbolic(table, ids, mask_zero)
         mask_zero = bool(mask_zero)

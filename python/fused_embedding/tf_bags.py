@@ -39,6 +39,7 @@ from . import tf as fused_tf
 from . import tf_compiled, tf_sharded
 from .backends import BAG_OUT_OF_RANGE_MESSAGE, CANONICAL_ORDER_MESSAGE, ROW_OUTSIDE_MESSAGE
 from .spec import Pooling
+from .tf_variables import read_without_copy
 
 log = logging.getLogger("fused_embedding")
 
@@ -259,7 +260,7 @@ def _fused_bag(table, bags: _Bags, pooling: Pooling):
     """(B, D) of the table's dtype: the core op eagerly, numpy_function in a graph, the native
     twin when traced for export; gradients for the table and the weights (through
     ``bags.csr()``'s TF ops, built only when a gradient is taken)."""
-    table = tf.convert_to_tensor(table)
+    table = read_without_copy(table)  # a variable's buffer, even after a sparse op touched it
     if table.dtype not in fused_tf.TABLE_DTYPES:
         raise checks_module.table_dtype_error(table.dtype.name)
     checks_module.check_table_shape(None if table.shape.rank is None else table.shape.as_list())

@@ -33,6 +33,7 @@ from . import quantized
 from .quantized import QuantizedTable
 from .semantics import Axis
 from .spec import TableFormat
+from .tf_variables import read_without_copy
 
 _STORAGE = {TableFormat.INT8_ROWWISE: tf.uint8, TableFormat.INT4_ROWWISE: tf.uint8,
             TableFormat.KERAS_INT8: tf.int8}
@@ -153,7 +154,7 @@ def embedding_mean(qtable, ids, axis: Axis, mask_zero: bool, exporting: bool, ba
         else:
             out = _python_body(lambda i: _run(qtable, i, axis, mask_zero, backend), [ids])
     else:
-        data, params = tf.convert_to_tensor(qtable.data), tf.convert_to_tensor(qtable.params)
+        data, params = read_without_copy(qtable.data), read_without_copy(qtable.params)
         if exporting:
             out = _native(fmt, data, params, ids, axis, mask_zero)
         elif tf.executing_eagerly():

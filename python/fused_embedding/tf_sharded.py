@@ -50,6 +50,7 @@ import tensorflow as tf
 from .backends import BAG_OUT_OF_RANGE_MESSAGE, OUT_OF_RANGE_MESSAGE
 from .semantics import EMPTY_BAG_VALUE, PADDING_ID, Axis
 from .spec import Pooling
+from .tf_variables import read_without_copy
 
 
 def _sharded_variable_class():
@@ -153,22 +154,12 @@ def _shard_sum(shard_value, local, local_splits, weights, compiled: bool):
     return tf.cast(tf.math.unsorted_segment_sum(rows, bag_of, batch), shard_value.dtype)
 
 
-def _read_in_place(shard):
-    """The shard's value as stored, never a copy. A resource variable that a sparse op has
-    touched (tf.gather / tf.nn.embedding_lookup, a scatter update such as a sparse
-    optimizer step) is in TF's copy-on-read mode, where every dense read copies all of it
-    (a 1 GB shard per call); ``read_value_no_copy`` turns that mode off first (TF's
-    DisableCopyOnRead: a copy only if another tensor still shares the buffer)."""
-    read = getattr(shard, "read_value_no_copy", None)
-    return read() if read is not None else tf.convert_to_tensor(shard)
-
-
 def _shard_partial(shard, local, local_splits, local_weights, compiled):
     """One shard's [B][D] partial sum, computed on its device, with its gradient: the shard
     gets IndexedSlices (one row per routed id: weight * upstream of its bag), the weights
     r_i . upstream_b (one scalar per id, computed on the shard)."""
     with _placed_on(shard):
-        shard_value = _read_in_place(shard)  # read where it lives (aliases the buffer)
+        shard_value = read_without_copy(shard)  # read where it lives (aliases the buffer)
     shard_shape = tf.shape(shard_value, out_type=local.dtype)
 
     def bag_of():
