@@ -196,7 +196,7 @@ def embedding_mean(table, ids, axis, mask_zero, out=None):
                   else kernels.gather_mean_embedding)
         row_bytes = table.shape[1] * table.dtype.itemsize
         first_bad = _launch(kernel, _bits(table), ids, mask_zero, fmt, bags_per_chunk,
-                            launch.cpu_rows_ahead(row_bytes), _bits(out),
+                            launch.cpu_rows_ahead(row_bytes, table.nbytes), _bits(out),
                             serial=launch.cpu_runs_serial(batch * length, row_bytes))
     if first_bad < batch * length:
         raise_bad_id_at(first_bad, ids, table.shape[0])

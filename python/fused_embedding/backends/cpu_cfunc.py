@@ -55,7 +55,7 @@ def _run(table, ids, out, fmt, mask_zero, team_size, serial_only):
     batch, length = ids.shape
     row_bytes = table.shape[1] * table.itemsize
     bags_per_chunk = _bags_per_chunk(batch, team_size)
-    rows_ahead = _rows_ahead(row_bytes)
+    rows_ahead = _rows_ahead(row_bytes, table.shape[0] * row_bytes)
     if serial_only or _runs_serial(batch * length, row_bytes):
         return _gather_mean_sequence_serial(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
     return gather_mean_sequence(table, ids, mask_zero, fmt, bags_per_chunk, rows_ahead, out)
