@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fused_embedding import build
-from fused_embedding.kernels import cpu, cpu_bags
+from fused_embedding.kernels import cpu, cpu_bags, cpu_quant
 
 NOTICE = "Numba is compiling the cpu backend's kernels"
 TF_BUILD_WARNING = "building the TF op's compiled kernel"
@@ -178,6 +178,8 @@ def test_each_parallel_kernel_and_its_serial_entry_point_are_built_for_the_same_
     plan = dict(build.kernel_signatures())
     pairs = [(parallel, serial) for parallel, serial in cpu.SERIAL.items()]
     pairs.append((cpu_bags.embedding_bag, cpu_bags.embedding_bag_serial))
+    pairs += [(cpu_quant.pool_quantized, cpu_quant.pool_quantized_serial),
+              (cpu_quant.gather_quantized_means, cpu_quant.gather_quantized_means_serial)]
     assert set(plan) == {kernel for pair in pairs for kernel in pair}
     for parallel, serial in pairs:
         assert plan[parallel] == plan[serial]
