@@ -25,17 +25,12 @@ import warnings
 
 import numpy as np
 
-from interleaved import print_medians, time_interleaved  # benchmarks/interleaved.py
+from interleaved import add_shape_arguments, print_medians, time_interleaved  # benchmarks/interleaved.py
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--vocab", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--id-sets", type=int, default=8)
+    add_shape_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras

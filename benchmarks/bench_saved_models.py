@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from fused_embedding.cli import cpu_model  # the machine's name, as the bench prints it
-from interleaved import print_medians, time_interleaved  # benchmarks/interleaved.py
+from interleaved import add_shape_arguments, print_medians, time_interleaved  # benchmarks/interleaved.py
 
 import numpy as np
 
@@ -79,12 +79,7 @@ RATIOS = [("converted", "keras export"), ("fused export", "fused export, native_
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--vocab", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--id-sets", type=int, default=8)
+    add_shape_arguments(parser)
     parser.add_argument("--no-mask", action="store_true", help="Embedding(mask_zero=False)")
     parser.add_argument("--workdir", help="where the SavedModels go (default: a temporary folder, removed); "
                         "exports already there are reused (keep one folder per --no-mask setting), "

@@ -10,6 +10,16 @@ import statistics
 import time
 
 
+def add_shape_arguments(parser, rounds=30):
+    """The options every such script takes: rounds, V, B, L, D and how many id sets rotate."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--vocab", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--id-sets", type=int, default=8)
+
+
 def time_interleaved(runners: dict, inputs: list, rounds: int, rng) -> dict[str, list[float]]:
     """{name: [ms per round]}: ``runners[name](inputs[r % len(inputs)])`` once each round."""
     times = {name: [] for name in runners}

@@ -97,6 +97,21 @@ def export_module(model, input_signature):
     return module
 
 
+def pooled_output_spec(layer, inputs):
+    """The (B, output_dim) or (B, L) KerasTensor of a fused pooling layer (``layer.axis``,
+    ``layer.output_dim``) on symbolic ids, checked here, at functional construction, before
+    any data: int32 / int64 (float ids are refused, not truncated as Embedding does), rank 2."""
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if dtype not in ("int32", "int64"):
+        raise TypeError(f"{layer.name} takes int32 or int64 ids, got {dtype} (float ids are not "
+                        f"truncated as Embedding does): declare keras.Input(..., dtype='int32')")
+    if len(inputs.shape) != 2:
+        raise ValueError(f"{layer.name} takes (batch, length) ids, got shape {inputs.shape}")
+    batch, length = inputs.shape
+    shape = (batch, layer.output_dim) if layer.axis == 1 else (batch, length)
+    return keras.KerasTensor(shape, dtype=layer.compute_dtype)
+
+
 class _TableLayer(keras.layers.Layer):
     """What the fused layers share: an (input_dim, output_dim) ``embeddings`` variable
     with its initializer, regularizer and constraint, ``mask_zero``, their checks and
@@ -202,14 +217,7 @@ class EmbeddingMean(_TableLayer):
         return (batch, self.output_dim) if self.axis == 1 else (batch, length)
 
     def compute_output_spec(self, inputs):
-        # Functional construction: checked here, on the symbolic input, before any data.
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if dtype not in ("int32", "int64"):
-            raise TypeError(f"{self.name} takes int32 or int64 ids, got {dtype} (float ids are not "
-                            f"truncated as Embedding does): declare keras.Input(..., dtype='int32')")
-        if len(inputs.shape) != 2:
-            raise ValueError(f"{self.name} takes (batch, length) ids, got shape {inputs.shape}")
-        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
+        return pooled_output_spec(self, inputs)
 
     def get_config(self):
         config = super().get_config()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 
 from . import tf as fused_tf
-from .keras import _DATA_FORMATS, _check_backend, _read_in_place
+from .keras import _DATA_FORMATS, _check_backend, _read_in_place, pooled_output_spec
 
 KERAS_INT8 = "int8"  # the Embedding.quantization_mode this layer stands for
 
@@ -71,15 +71,7 @@ class QuantizedEmbeddingMean(keras.layers.Layer):
         return None
 
     def compute_output_spec(self, inputs):
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if dtype not in ("int32", "int64"):
-            raise TypeError(f"{self.name} takes int32 or int64 ids, got {dtype}: declare "
-                            f"keras.Input(..., dtype='int32')")
-        if len(inputs.shape) != 2:
-            raise ValueError(f"{self.name} takes (batch, length) ids, got shape {inputs.shape}")
-        batch, length = inputs.shape
-        shape = (batch, self.output_dim) if self.axis == 1 else (batch, length)
-        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+        return pooled_output_spec(self, inputs)
 
     def get_config(self):
         config = super().get_config()
