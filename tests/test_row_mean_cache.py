@@ -234,19 +234,20 @@ RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "tf.function"])
 def test_copy_on_read_variable_copies_do_not_pile_up(rng, mode):
-    """Issue 19.4: each read of a variable in copy-on-read mode is a fresh 64 MiB buffer.
-    The cache pins at most the last one, and none once the reads keep changing: memory
-    is flat from the third call on. The calls that bring a new copy still hold the last
-    pin while they read it, and the allocator may keep those pages, so RSS may settle up
-    to two copies above the first call's; a pile-up adds one per call."""
+    """A variable a sparse op has put in TF's copy-on-read mode, read seven times: the op
+    reads it in place (tf_variables.read_without_copy), so the cache pins at most that one
+    64 MiB buffer (with its row means), and memory is flat from the third call on. (Before
+    the op read in place, each read was a fresh copy; a pile-up of pinned copies would add
+    one table per call.) The allocator may keep pages of the first calls, so RSS may settle
+    up to two tables above the first call's."""
     result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, mode, str(int(rng.integers(1 << 31)))],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["error"] < 1e-5
-    assert report["held"] == 0, f"the cache still holds {report['held']} bytes of copies"
     rss, table = report["rss"], report["table"]
+    assert report["held"] <= table + table // 256 * 2, f"the cache holds {report['held']} bytes: more than one table"
     trace = f"RSS after each call {[r // 2**20 for r in rss]} MiB, table {table // 2**20} MiB"
     assert rss[-1] - rss[2] < table // 2, trace
     assert rss[-1] - rss[0] < table * 5 // 2, trace

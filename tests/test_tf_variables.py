@@ -54,3 +54,23 @@ def test_quantized_variables_read_without_copy(rng):
     table = fused_tf.TFQuantizedTable.from_keras_int8(data, scale)
     fn = tf.function(lambda i: fused_tf.embedding_mean(table, i))
     assert _ops(fn, tf.TensorSpec([None, 3], tf.int32)).count("DisableCopyOnRead") == 2
+
+
+@pytest.mark.parametrize("form", ["eager", "graph"])
+def test_axis2_row_means_follow_sparse_updates_after_an_in_place_read(rng, form):
+    """Axis 2 caches the row means of the buffer it read; read in place, that buffer is the
+    variable's own. A scatter update after it must not leave stale means (TF copies a buffer
+    the cache still shares before writing it), for each kind of update."""
+    variable, table = _touched_variable(rng)
+    op = lambda i: fused_tf.embedding_mean(variable, i, axis=2)  # noqa: E731
+    op = op if form == "eager" else tf.function(op)
+    ids = rng.integers(0, 13, (3, 5)).astype(np.int32)
+    for step in range(4):
+        assert_close(np.asarray(op(tf.constant(ids))), embedding_mean_reference(table, ids, 2), np.float32)
+        row = int(ids[0, step])
+        if step % 2:
+            variable.scatter_update(tf.IndexedSlices(tf.fill((1, 4), 3.0), tf.constant([row])))
+            table[row] = 3.0
+        else:
+            variable.scatter_add(tf.IndexedSlices(tf.ones((1, 4)), tf.constant([row])))
+            table[row] += 1.0
