@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from . import quantized
 from .quantized import QuantizedTable
-from .semantics import Axis
+from .semantics import Axis, output_shape
 from .spec import TableFormat
 from .tf_variables import read_without_copy
 
@@ -144,7 +144,7 @@ def embedding_mean(qtable, ids, axis: Axis, mask_zero: bool, exporting: bool, ba
     fmt = qtable.format
     dim = qtable.shape[1] if isinstance(qtable, QuantizedTable) else qtable.dim
     batch, length = ids.shape.as_list() if ids.shape.rank == 2 else (None, None)
-    out_shape = tf.TensorShape([batch, dim if axis is Axis.SEQUENCE else length])
+    out_shape = tf.TensorShape(output_shape(axis, batch, length, dim))
     if isinstance(qtable, QuantizedTable):
         if exporting:  # the frozen table's arrays become the graph's constants
             out = _native(fmt, tf.constant(np.ascontiguousarray(qtable.data)),
