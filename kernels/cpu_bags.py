@@ -41,7 +41,7 @@ from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
 from ..spec import Pooling
 from .cpu import _prefetch_rows
 from .cpu_rows import LANES, _widen, sum_vector_columns
-from .cpu_scalars import LOCALITY_READ_ONCE, store, widen
+from .cpu_scalars import LOCALITY_KEEP, LOCALITY_READ_ONCE, store, widen
 
 # The combiner codes as compile-time constants (Numba freezes module globals).
 _MEAN = Pooling.MEAN.kernel_code
@@ -75,7 +75,7 @@ def split_work(offsets, n_chunks, bag_bounds, id_bounds):
         id_bounds[c] = k - lo
 
 
-def _make_weighted_sum_rows(n_vectors: int, fmt: int):
+def _make_weighted_sum_rows(n_vectors: int, fmt: int, weighted: bool = True):
     """The weighted twin of cpu_rows' vector pass: acc[col:col + 16*n] = sum over k < count of
     weights[k] * table[rows[k], col:col + 16*n] (float32), the accumulators in n <16 x float>
     registers, the same columns of row ahead_ids[ahead_start + k] prefetched while row k is
@@ -119,7 +119,7 @@ def _make_weighted_sum_rows(n_vectors: int, fmt: int):
 
             def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
                 builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
-                                     ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
+                                     ir.Constant(i32, LOCALITY_KEEP), ir.Constant(i32, 1)])
 
             # As cpu_rows: the extra line of a block that straddles lines, on unaligned tables only.
             misalignment = builder.or_(builder.or_(builder.ptrtoint(base, i64), row_stride), col_bytes)
@@ -149,18 +149,19 @@ def _make_weighted_sum_rows(n_vectors: int, fmt: int):
             row = builder.load(builder.gep(rows_a.data, [k]))
             row_ptr = builder.gep(base, [builder.add(builder.mul(as_i64(row, rows_t.dtype), row_stride),
                                                      col_bytes)])
-            w_ptr = builder.bitcast(builder.gep(weights_base, [builder.mul(k, weight_stride)]),
-                                    ir.FloatType().as_pointer())
-            w_one = builder.insert_element(ir.Constant(vec_f32, ir.Undefined), builder.load(w_ptr),
-                                           ir.Constant(i32, 0))
-            w_vec = builder.shuffle_vector(w_one, ir.Constant(vec_f32, ir.Undefined),
-                                           ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            if weighted:
+                w_ptr = builder.bitcast(builder.gep(weights_base, [builder.mul(k, weight_stride)]),
+                                        ir.FloatType().as_pointer())
+                w_one = builder.insert_element(ir.Constant(vec_f32, ir.Undefined), builder.load(w_ptr),
+                                               ir.Constant(i32, 0))
+                w_vec = builder.shuffle_vector(w_one, ir.Constant(vec_f32, ir.Undefined),
+                                               ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
             new_accs = []
             for v in range(n_vectors):
                 ptr = builder.bitcast(builder.gep(row_ptr, [ir.Constant(i64, v * LANES * item)]),
                                       vec_raw.as_pointer())
-                raw = builder.load(ptr, align=item)
-                new_accs.append(builder.fadd(accs[v], builder.fmul(w_vec, _widen(builder, raw, elem_type, fmt))))
+                value = _widen(builder, builder.load(ptr, align=item), elem_type, fmt)
+                new_accs.append(builder.fadd(accs[v], builder.fmul(w_vec, value) if weighted else value))
             ahead_pos = builder.add(start_i, k)
             builder.cbranch(builder.icmp_signed("<", ahead_pos, stop_i), prefetch_bb, after_prefetch)
 
@@ -195,10 +196,10 @@ def _make_weighted_sum_rows(n_vectors: int, fmt: int):
     return weighted_sum_rows
 
 
-def _make_weighted_sum_columns(fmt: int):
+def _make_weighted_sum_columns(fmt: int, weighted: bool = True):
     """Weighted rows over the columns filling whole vectors: 128 columns a pass, then one
     pass over the rest (as cpu_rows' unweighted passes)."""
-    x1, x2, x3, x4, x5, x6, x7, x8 = (_make_weighted_sum_rows(n, fmt) for n in range(1, 9))
+    x1, x2, x3, x4, x5, x6, x7, x8 = (_make_weighted_sum_rows(n, fmt, weighted) for n in range(1, 9))
 
     @njit(inline="always")
     def weighted_sum_columns(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc):
@@ -229,6 +230,29 @@ def _make_weighted_sum_columns(fmt: int):
 _weighted_float32 = _make_weighted_sum_columns(FORMAT_FLOAT32)
 _weighted_float16 = _make_weighted_sum_columns(FORMAT_FLOAT16)
 _weighted_bfloat16 = _make_weighted_sum_columns(FORMAT_BFLOAT16)
+_plain_float32 = _make_weighted_sum_columns(FORMAT_FLOAT32, False)
+_plain_float16 = _make_weighted_sum_columns(FORMAT_FLOAT16, False)
+_plain_bfloat16 = _make_weighted_sum_columns(FORMAT_BFLOAT16, False)
+
+
+def plain_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+    """weighted_vector_columns with every weight 1 (weights is not read)."""
+
+
+@overload(plain_vector_columns, inline="always")
+def _plain_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+    if not (isinstance(table, types.Array) and table.layout == "C"):
+        return lambda table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
+    if table.dtype == types.float32:
+        def float32_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+            return _plain_float32(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return float32_rows
+
+    def half_width_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+        if fmt == FORMAT_BFLOAT16:
+            return _plain_bfloat16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return _plain_float16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+    return half_width_rows
 
 
 def weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
@@ -290,11 +314,15 @@ def _sum_ids(table, values, weights, weighted, combiner, lo, hi, fmt, rows_ahead
         if combiner == _SQRTN:
             for p in range(lo, hi):
                 term += weights[p] * weights[p]
-        else:
+        elif combiner == _MEAN:
             for p in range(lo, hi):
                 term += weights[p]
         return term
-    col = sum_vector_columns(table, values[lo:hi], hi - lo, fmt, values, lo + rows_ahead, stop, acc)
+    if dim % LANES == 0:
+        col = plain_vector_columns(table, values[lo:hi], weights, hi - lo, fmt, values, lo + rows_ahead,
+                                   stop, acc)
+    else:
+        col = sum_vector_columns(table, values[lo:hi], hi - lo, fmt, values, lo + rows_ahead, stop, acc)
     if col < dim:
         acc[col:] = 0.0
         for p in range(lo, hi):
