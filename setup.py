@@ -22,7 +22,8 @@ setup(
         "bench": ["matplotlib", "tqdm", "psutil"],
         # keras-rs: its EmbedReduce is what the fused EmbeddingBag is tested against;
         # portpicker: free localhost ports for the in-process ParameterServerStrategy cluster.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numba-cuda>=0.30", "psutil",
+        # pytest-xdist: the README's test command runs the tests on two workers (`-n 2`).
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "numba-cuda>=0.30", "psutil",
                  "matplotlib", "tqdm", "keras-rs", "portpicker"],
     },
     entry_points={"console_scripts": ["fused-embedding=fused_embedding.cli:main"]},

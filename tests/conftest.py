@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 # Fresh inputs every run; the seed is printed in the header so a failure replays
 # with FUSED_EMBEDDING_TEST_SEED=<seed>.
 TEST_SEED = int(os.environ.get("FUSED_EMBEDDING_TEST_SEED", secrets.randbits(32)))
+# pytest-xdist's workers (`-n 2`) start from this process' environment: all of them
+# draw from the one seed the header prints, so a failure on any worker replays.
+os.environ["FUSED_EMBEDDING_TEST_SEED"] = str(TEST_SEED)
 
 
 def pytest_configure(config):
