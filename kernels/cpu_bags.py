@@ -41,7 +41,7 @@ from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
 from ..spec import Pooling
 from .cpu import _prefetch_rows
 from .cpu_rows import LANES, _widen, sum_vector_columns
-from .cpu_scalars import LOCALITY_KEEP, LOCALITY_READ_ONCE, store, widen
+from .cpu_scalars import LOCALITY_KEEP, store, widen
 
 # The combiner codes as compile-time constants (Numba freezes module globals).
 _MEAN = Pooling.MEAN.kernel_code
@@ -235,24 +235,32 @@ _plain_float16 = _make_weighted_sum_columns(FORMAT_FLOAT16, False)
 _plain_bfloat16 = _make_weighted_sum_columns(FORMAT_BFLOAT16, False)
 
 
+def _by_table_format(float32_rows, float16_rows, bfloat16_rows):
+    """An overload body that hands a C table to the row pass compiled for its format (the
+    16-bit formats share one element type, so fmt picks between them), and leaves every
+    column to the scalar pass for any other layout."""
+    def implementation(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+        if not (isinstance(table, types.Array) and table.layout == "C"):
+            return lambda table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
+        if table.dtype == types.float32:
+            def float32_table(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+                return float32_rows(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+            return float32_table
+
+        def half_width_table(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
+            if fmt == FORMAT_BFLOAT16:
+                return bfloat16_rows(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+            return float16_rows(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
+        return half_width_table
+    return implementation
+
+
 def plain_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
     """weighted_vector_columns with every weight 1 (weights is not read)."""
 
 
-@overload(plain_vector_columns, inline="always")
-def _plain_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-    if not (isinstance(table, types.Array) and table.layout == "C"):
-        return lambda table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
-    if table.dtype == types.float32:
-        def float32_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-            return _plain_float32(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-        return float32_rows
-
-    def half_width_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-        if fmt == FORMAT_BFLOAT16:
-            return _plain_bfloat16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-        return _plain_float16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-    return half_width_rows
+overload(plain_vector_columns, inline="always")(
+    _by_table_format(_plain_float32, _plain_float16, _plain_bfloat16))
 
 
 def weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
@@ -260,20 +268,8 @@ def weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_s
     returns the first column left for a scalar pass (all of them for a non-C table)."""
 
 
-@overload(weighted_vector_columns, inline="always")
-def _weighted_vector_columns(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-    if not (isinstance(table, types.Array) and table.layout == "C"):
-        return lambda table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc: 0
-    if table.dtype == types.float32:
-        def float32_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-            return _weighted_float32(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-        return float32_rows
-
-    def half_width_rows(table, rows, weights, count, fmt, ahead_ids, ahead_start, ahead_stop, acc):
-        if fmt == FORMAT_BFLOAT16:
-            return _weighted_bfloat16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-        return _weighted_float16(table, rows, weights, count, ahead_ids, ahead_start, ahead_stop, acc)
-    return half_width_rows
+overload(weighted_vector_columns, inline="always")(
+    _by_table_format(_weighted_float32, _weighted_float16, _weighted_bfloat16))
 
 
 @njit(inline="always")
