@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_rows import sum_vector_columns
-from .cpu_scalars import elements_per_cache_line, prefetch, prefetch_once, store, widen
+from .cpu_scalars import elements_per_cache_line, prefetch, store, widen
 
 
 
@@ -46,8 +46,8 @@ def _prefetch_rows(table, flat_ids, start, stop):
     for p in range(start, stop):
         r = flat_ids[p]
         for d in range(0, table.shape[1], elements_per_cache_line(table)):
-            prefetch_once(table, r, d)
-        prefetch_once(table, r, last)
+            prefetch(table, r, d)
+        prefetch(table, r, last)
 
 
 @njit(inline="always")

@@ -117,7 +117,7 @@ def _make_weighted_sum_rows(n_vectors: int, fmt: int, weighted: bool = True):
             pf_fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
 
-            def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
+            def prefetch_at(ptr, offset):  # read, all cache levels (cpu_scalars), data
                 builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
                                      ir.Constant(i32, LOCALITY_KEEP), ir.Constant(i32, 1)])
 
@@ -292,9 +292,9 @@ def _sum_ids(table, values, weights, weighted, combiner, lo, hi, fmt, rows_ahead
     here (weighted_vector_columns), whose last D % 16 columns take a scalar loop over the
     columns; unweighted rows through their twin here (plain_vector_columns) when D is a
     multiple of 16, else through kernels/cpu_rows.py's passes (the last vector masked).
-    The passes here prefetch with the keep-in-cache hint: cpu_rows' read-once hint
-    (prefetchnta) evicted rows that skewed ids read again (one thread, D=256, rows in
-    cache: 0.23x torch's speed with it, 0.99x with the keep hint).
+    Every pass prefetches with the keep-in-cache hint (cpu_scalars): the read-once
+    hint (prefetchnta) evicted rows that skewed ids read again (one thread, D=256,
+    rows in cache: 0.23x torch's speed with it, 0.99x with the keep hint).
     """
     dim = table.shape[1]
     if weighted:

@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload
 
 from ..launch import CACHE_LINE_BYTES
 from ..semantics import FORMAT_BFLOAT16, FORMAT_FLOAT16, FORMAT_FLOAT32
-from .cpu_scalars import LOCALITY_READ_ONCE
+from .cpu_scalars import LOCALITY_KEEP
 
 LANES = 16  # floats per vector: one cache line of float32, one zmm register
 
@@ -109,9 +109,9 @@ def _make_sum_rows(n_vectors: int, fmt: int, masked_last: bool):
             else:
                 last_byte = ir.Constant(i64, n_vectors * vec_bytes - 1)
 
-            def prefetch_at(ptr, offset):  # read, rows are read once (cpu_scalars), data
+            def prefetch_at(ptr, offset):  # read, all cache levels (cpu_scalars), data
                 builder.call(pf_fn, [builder.gep(ptr, [ir.Constant(i64, offset)]), ir.Constant(i32, 0),
-                                     ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
+                                     ir.Constant(i32, LOCALITY_KEEP), ir.Constant(i32, 1)])
 
             # A table that is not 64-byte aligned (NumPy's are 16) puts every column
             # block across one line more than its size: that line is prefetched too
@@ -168,7 +168,7 @@ def _make_sum_rows(n_vectors: int, fmt: int, masked_last: bool):
 
             builder.position_at_end(prefetch_tail_bb)
             builder.call(pf_fn, [builder.gep(ahead_ptr, [last_byte]), ir.Constant(i32, 0),
-                                 ir.Constant(i32, LOCALITY_READ_ONCE), ir.Constant(i32, 1)])
+                                 ir.Constant(i32, LOCALITY_KEEP), ir.Constant(i32, 1)])
             builder.branch(after_prefetch)
 
             builder.position_at_end(after_prefetch)

@@ -119,12 +119,11 @@ def _elements_per_cache_line(array):
     return lambda array: per_line
 
 
-# llvm.prefetch locality hints. Gathered rows are read once per call: the
-# non-temporal hint keeps them from pushing the caller's own working set (TF's and
-# Python's, around the TF op) out of the caches; measured, the op's hand-off got
-# 0.2-0.3 ms cheaper and the kernel no slower (benchmarks/NOTES.md). The cached row
-# means are read again next call and keep the all-levels hint.
-LOCALITY_READ_ONCE = 0
+# llvm.prefetch locality hint: all cache levels. The gathered rows were once
+# prefetched non-temporal (locality 0, read once): on the AMD EPYC machine that cost
+# nothing, but on an Intel Xeon (AVX-512) the dense kernel ran 1.2-2.2x slower than
+# torch's embedding_bag with it and 0.44-0.88x with this hint, at every prefetch
+# distance (benchmarks/NOTES.md).
 LOCALITY_KEEP = 3
 
 
@@ -153,4 +152,3 @@ def _make_prefetch(locality: int):
 
 
 prefetch = _make_prefetch(LOCALITY_KEEP)
-prefetch_once = _make_prefetch(LOCALITY_READ_ONCE)
